@@ -1,0 +1,1 @@
+"""The hospital side: Flower ClientApp and the hymate-client command."""

@@ -1,0 +1,142 @@
+"""EHR data in one format: loaders, synthetic data, splits, cache, normalisation.
+
+``load_dataset(name, root)`` is the one entry point the rest of the project uses. Each source
+is a module with a loader that reads the dataset's own layout; adding a source (PhysioNet
+2019, eICU, MIMIC-IV) means one module and one entry in ``DATASETS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .cache import cached, fingerprint, load_table, save_table
+from .normalization import MomentSums, Normalizer
+from .physionet2012 import (
+    ICU_SITES,
+    PARSER_VERSION,
+    PHYSIONET2012_SETS,
+    PHYSIONET2012_STATIC,
+    PHYSIONET2012_VARIABLES,
+    load_physionet2012,
+    load_physionet2012_by_set,
+    table_name,
+)
+from .splits import Split, split_stays
+from .stays import (
+    PADDING_VARIABLE_ID,
+    DataError,
+    LoadSummary,
+    StayRecord,
+    StayTable,
+    concat_tables,
+    table_from_stays,
+)
+from .synthetic import (
+    SYNTHETIC_STATIC,
+    SYNTHETIC_VARIABLES,
+    SyntheticConfig,
+    make_synthetic,
+    site_profiles,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CACHE_DIR = PROJECT_ROOT / ".cache" / "parsed"
+DEFAULT_RAW_DIR = PROJECT_ROOT / ".cache" / "data"
+
+
+def _synthetic(
+    root: Path | None, cache_dir: Path | None, summary: LoadSummary, **options: Any
+) -> StayTable:
+    """Options are SyntheticConfig fields (or ``config=SyntheticConfig(...)``); no cache."""
+    config = options.pop("config", None)
+    if config is not None and options:
+        raise TypeError(f"pass either config= or SyntheticConfig fields, not both: {options}")
+    table = make_synthetic(config or SyntheticConfig(**options))
+    summary.stays, summary.events = len(table), table.n_events
+    return table
+
+
+def _physionet2012(
+    root: Path | None,
+    cache_dir: Path | None,
+    summary: LoadSummary,
+    sets: tuple[str, ...] = PHYSIONET2012_SETS,
+) -> StayTable:
+    """Options: ``sets`` (default all three). Cached per choice of sets."""
+    root = Path(root) if root is not None else DEFAULT_RAW_DIR / "physionet2012"
+    sets = tuple(sets)
+    key = f"{table_name(sets)}-v{PARSER_VERSION}"
+    if cache_dir is None:
+        return load_physionet2012(root, sets, summary)
+    return cached(lambda raw, s: load_physionet2012(raw, sets, s), root, cache_dir, key, summary)
+
+
+# name -> loader(root, cache_dir or None for no cache, summary, **options)
+DATASETS: dict[str, Callable[..., StayTable]] = {
+    "synthetic": _synthetic,
+    "physionet2012": _physionet2012,
+}
+
+
+def load_dataset(
+    name: str,
+    root: str | Path | None = None,
+    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+    summary: LoadSummary | None = None,
+    **options: Any,
+) -> StayTable:
+    """Load dataset ``name`` from its raw folder ``root``, through the parquet cache.
+
+    ``root`` None means the project's default location (``.cache/data/<name>``; ignored by
+    "synthetic"). ``cache_dir`` None disables the cache. ``options`` go to the source, e.g.
+    ``sets=("a",)`` for PhysioNet 2012 or ``n_sites=8`` for synthetic data. ``summary`` is
+    filled with what the loader counted.
+    """
+    try:
+        loader = DATASETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}"
+        ) from None
+    summary = summary if summary is not None else LoadSummary(source=name)
+    return loader(
+        Path(root) if root is not None else None,
+        Path(cache_dir) if cache_dir is not None else None,
+        summary,
+        **options,
+    )
+
+
+__all__ = [
+    "DATASETS",
+    "DEFAULT_CACHE_DIR",
+    "ICU_SITES",
+    "PADDING_VARIABLE_ID",
+    "PHYSIONET2012_SETS",
+    "PHYSIONET2012_STATIC",
+    "PHYSIONET2012_VARIABLES",
+    "SYNTHETIC_STATIC",
+    "SYNTHETIC_VARIABLES",
+    "DataError",
+    "LoadSummary",
+    "MomentSums",
+    "Normalizer",
+    "Split",
+    "StayRecord",
+    "StayTable",
+    "SyntheticConfig",
+    "cached",
+    "concat_tables",
+    "fingerprint",
+    "load_dataset",
+    "load_physionet2012",
+    "load_physionet2012_by_set",
+    "load_table",
+    "make_synthetic",
+    "save_table",
+    "site_profiles",
+    "split_stays",
+    "table_from_stays",
+]

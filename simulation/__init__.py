@@ -1,0 +1,1 @@
+"""Simulated hospital federations on one machine: partitioners, protocols, reports."""

@@ -1,0 +1,1 @@
+"""Aggregation strategies, chosen by name or "module:Class"."""
