@@ -15,36 +15,18 @@ import torch
 from hymate.data.batches import StayDataset, make_loader
 from hymate.data.normalization import MomentSums, Normalizer
 from hymate.data.stays import StayTable
-from hymate.model import HyMaTE, HyMaTEConfig
-from hymate.train import Evaluation, FitResult, TrainConfig, evaluate, fit, positive_class_weight, select_device
+from hymate.model import HyMaTE, ModelOptions
+from hymate.train import (
+    Evaluation,
+    FitResult,
+    TrainConfig,
+    evaluate,
+    fit,
+    positive_class_weight,
+    select_device,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """The HyMaTE knobs a user sets; the data supplies the vocabulary sizes."""
-
-    d_model: int = 64
-    n_mamba_layers: int = 2
-    d_state: int = 16
-    n_attention_layers: int = 1
-    n_heads: int = 4
-    dropout: float = 0.2
-    scan_backend: str = "auto"
-
-    def for_table(self, table: StayTable) -> HyMaTEConfig:
-        return HyMaTEConfig(
-            n_variables=len(table.variables),
-            n_static=len(table.static_names),
-            d_model=self.d_model,
-            n_mamba_layers=self.n_mamba_layers,
-            d_state=self.d_state,
-            n_attention_layers=self.n_attention_layers,
-            n_heads=self.n_heads,
-            dropout=self.dropout,
-            scan_backend=self.scan_backend,
-        )
 
 
 @dataclass

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hymate.data.batches import Batch
+from hymate.data.stays import StayTable
 from hymate.ssm import ScanGradSink, causal_conv1d, selective_scan
 
 
@@ -55,6 +56,35 @@ class HyMaTEConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_variables < 1:
             raise ValueError("n_variables must be at least 1")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The HyMaTE knobs a user sets; the data supplies the vocabulary sizes."""
+
+    d_model: int = 64
+    n_mamba_layers: int = 2
+    d_state: int = 16
+    n_attention_layers: int = 1
+    n_heads: int = 4
+    dropout: float = 0.2
+    scan_backend: str = "auto"
+
+    def for_table(self, table: StayTable) -> HyMaTEConfig:
+        return self.for_schema(len(table.variables), len(table.static_names))
+
+    def for_schema(self, n_variables: int, n_static: int) -> HyMaTEConfig:
+        return HyMaTEConfig(
+            n_variables=n_variables,
+            n_static=n_static,
+            d_model=self.d_model,
+            n_mamba_layers=self.n_mamba_layers,
+            d_state=self.d_state,
+            n_attention_layers=self.n_attention_layers,
+            n_heads=self.n_heads,
+            dropout=self.dropout,
+            scan_backend=self.scan_backend,
+        )
 
 
 class ContinuousValueEmbedding(nn.Module):
@@ -174,6 +204,12 @@ class MambaMixer(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """Position-wise MLP with dropout on its output only.
+
+    Random numbers are slow on a CPU (a dropout mask over a (32, 200, 128) tensor costs as
+    much as the block's matrix products), so the hidden layer goes without one.
+    """
+
     def __init__(self, d_model: int, dropout: float, hidden_factor: int = 2):
         super().__init__()
         self.up = nn.Linear(d_model, hidden_factor * d_model)
@@ -181,7 +217,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(self.dropout(F.gelu(self.up(x)))))
+        return self.dropout(self.down(F.gelu(self.up(x))))
 
 
 class MambaBlock(nn.Module):

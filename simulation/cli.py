@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from hymate.centralized import ModelOptions
 from hymate.data import DataError
+from hymate.model import ModelOptions
 from hymate.train import TrainConfig
 from simulation.protocols import ExperimentSpec, run_experiment
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from hymate.centralized import ModelOptions, train_centralized
+from hymate.centralized import train_centralized
 from hymate.data import load_dataset, split_stays
 from hymate.files import write_csv, write_json
+from hymate.model import ModelOptions
 from hymate.train import TrainConfig
 
 log = logging.getLogger(__name__)

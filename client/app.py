@@ -1,0 +1,127 @@
+"""The hospital's Flower ClientApp: moves records in and out, and nothing else.
+
+Handlers:
+- ``query``: the site's normalisation sums (counts, sums, sums of squares per variable of its
+  training stays) and its data schema, so the coordinator can build global z-scores and the
+  model without any value leaving the site;
+- ``train``: local epochs from the received global model, returns weights and metrics;
+- ``evaluate``: loss, AUROC, AUPRC and n of the received model on the site's test stays.
+
+Failures in local data are logged here in full and reported to the coordinator only by kind:
+an error message naming a file and line of patient data must not leave the hospital.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.audit import SiteResolver, make_audit_mod
+from client.site import LocalData, SiteConfigError, SiteSettings, open_site
+from client.training import ModelMismatchError, evaluate_locally, train_locally
+from hymate.data import DataError, MomentSums
+from hymate.local_plan import LocalPlan, PlanError
+
+log = logging.getLogger(__name__)
+
+class SiteFailure(RuntimeError):
+    """What the coordinator is told when a site fails: the kind of failure, no local detail."""
+
+
+def reported_safely(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Keep local detail local: only problems with what the coordinator sent are echoed back."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except (PlanError, ModelMismatchError):
+            raise
+        except (DataError, SiteConfigError, OSError) as e:
+            log.error("site failed in %s: %s", handler.__name__, e)
+            raise SiteFailure(f"local data or configuration problem ({type(e).__name__}); see the site's log") from None
+        except Exception as e:
+            log.exception("site failed in %s", handler.__name__)
+            raise SiteFailure(f"site-side failure ({type(e).__name__}); see the site's log") from None
+
+    return wrapped
+
+
+def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
+def _from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def site_from_node_config(context: Context) -> LocalData:
+    """A deployed site: its data and settings come from ``--node-config`` (hymate-client flags)."""
+    return open_site(SiteSettings.from_node_config(context.node_config))
+
+
+def _site_record(data: LocalData) -> ConfigRecord:
+    return ConfigRecord({"name": data.settings.display_name})
+
+
+def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
+    """The ClientApp, reading each site's data through ``resolve_site``.
+
+    Deployed sites use their node config; the simulator passes a resolver that maps a
+    virtual node's partition id to its share of a dataset. The handlers are the same.
+    """
+    app = ClientApp(mods=[make_audit_mod(resolve_site)])
+
+    @app.query()
+    @reported_safely
+    def query(msg: Message, context: Context) -> Message:
+        data = resolve_site(context)
+        moments = MomentSums.from_table(data.train).to_arrays()
+        variables, static = data.schema
+        schema = ConfigRecord({"variables": list(variables), "static": list(static), "dataset": data.settings.dataset})
+        provenance = {k: v for k, v in data.provenance().items() if k != "dataset"}
+        content = RecordDict(
+            {
+                "moments": _to_record(moments),
+                "schema": schema,
+                "metrics": MetricRecord({"num-examples": len(data.train)} | provenance),
+                "site": _site_record(data),
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    @app.train()
+    @reported_safely
+    def train(msg: Message, context: Context) -> Message:
+        data = resolve_site(context)
+        config = msg.content["config"]
+        plan = LocalPlan.from_record(config)
+        outcome = train_locally(
+            plan,
+            data,
+            _from_record(msg.content["arrays"]),
+            server_round=int(config.get("server-round", 0)),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+        )
+        metrics = MetricRecord({"num-examples": outcome.num_examples, "train_loss": outcome.train_loss})
+        content = RecordDict({"arrays": _to_record(outcome.weights), "metrics": metrics, "site": _site_record(data)})
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    @reported_safely
+    def evaluate(msg: Message, context: Context) -> Message:
+        data = resolve_site(context)
+        plan = LocalPlan.from_record(msg.content["config"])
+        metrics = evaluate_locally(plan, data, _from_record(msg.content["arrays"]))
+        content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(data)})
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+app = build_client_app()

@@ -1,0 +1,83 @@
+"""An outgoing-message guard: what may leave the hospital, checked and logged.
+
+Every reply passes this Flower mod before it is sent. It allows only arrays the coordinator
+sent (the model's parameters, same names and shapes) and the normalisation sums, metrics that
+are single numbers, and text that names no stay or patient of the local data; anything else
+blocks the reply. Each reply that leaves is
+appended to ``<state-dir>/outgoing.jsonl`` (names, shapes and metric values, never weights)
+so the hospital can show an auditor exactly what it sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable, Mod
+
+from client.site import LocalData
+from hymate.data.normalization import MOMENT_ARRAYS
+
+log = logging.getLogger(__name__)
+
+MOMENT_ARRAY_NAMES = frozenset(MOMENT_ARRAYS)
+
+SiteResolver = Callable[[Context], LocalData]
+
+
+class OutgoingMessageBlocked(RuntimeError):
+    """A reply would have carried something that must not leave the site."""
+
+
+def check_outgoing(request: Message, reply: Message, local_ids: frozenset[str]) -> dict:
+    """Raise OutgoingMessageBlocked if ``reply`` carries anything but allowed content; return its audit line."""
+    received = {key: tuple(a.shape) for record in request.content.array_records.values() for key, a in record.items()}
+    content = reply.content
+    line: dict = {"time": time.time(), "type": reply.metadata.message_type, "arrays": {}, "metrics": {}, "text": {}}
+    for record_name, record in content.array_records.items():
+        for key, array in record.items():
+            if key in MOMENT_ARRAY_NAMES and not received:
+                pass
+            elif received.get(key) != tuple(array.shape):
+                raise OutgoingMessageBlocked(
+                    f"array {record_name}/{key} {tuple(array.shape)} is neither a received parameter nor a moment sum"
+                )
+            line["arrays"][f"{record_name}/{key}"] = [array.dtype, list(array.shape)]
+    for record_name, record in content.metric_records.items():
+        for key, value in record.items():
+            values = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, (int, float)) for v in values):
+                raise OutgoingMessageBlocked(f"metric {record_name}/{key} is not numeric")
+            if len(values) > 1:
+                raise OutgoingMessageBlocked(f"metric {record_name}/{key} is a list: per-record values may not leave")
+            line["metrics"][f"{record_name}/{key}"] = value
+    for record_name, record in content.config_records.items():
+        for key, value in record.items():
+            values = value if isinstance(value, list) else [value]
+            for v in values:
+                if isinstance(v, bytes):
+                    raise OutgoingMessageBlocked(f"config {record_name}/{key} carries raw bytes")
+                if isinstance(v, str) and set(v.replace(",", " ").split()) & local_ids:
+                    raise OutgoingMessageBlocked(f"config {record_name}/{key} names a local stay or patient")
+            line["text"][f"{record_name}/{key}"] = value
+    return line
+
+
+def make_audit_mod(resolve_site: SiteResolver) -> Mod:
+    """A Flower client mod that runs the handler, then checks and logs its reply before it leaves."""
+
+    def audit_outgoing(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(message, context)
+        if reply.has_error():
+            return reply
+        data = resolve_site(context)
+        line = check_outgoing(message, reply, data.local_ids())
+        data.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(data.settings.state_dir / "outgoing.jsonl", "a") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+        return reply
+
+    return audit_outgoing

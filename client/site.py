@@ -1,0 +1,117 @@
+"""A hospital's local data and settings, loaded and validated once per process.
+
+Everything a site uses comes from flags or a config file the site controls (Flower's
+``node_config``), never from the coordinator: which data, where the state lives, which
+device, and (for privacy) its budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hymate.data import DataError, LoadSummary, load_dataset, split_stays
+from hymate.data.stays import StayTable
+
+log = logging.getLogger(__name__)
+
+
+class SiteConfigError(ValueError):
+    """A node_config key is missing or has the wrong type; names the key."""
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """A site's own configuration (``hymate-client`` flags, or ``--node-config`` keys)."""
+
+    dataset: str
+    state_dir: Path
+    data: Path | None = None
+    site: str | None = None  # keep only this site's stays (pilots, tests, simulations)
+    device: str = "auto"
+    split_seed: int = 0
+    name: str | None = None  # how the coordinator's reports name this site
+
+    @classmethod
+    def from_node_config(cls, config: Mapping[str, Any]) -> SiteSettings:
+        def get(key: str, kind: type, default: Any = None, required: bool = False) -> Any:
+            if key not in config or config[key] in ("", None):
+                if required:
+                    raise SiteConfigError(f"node config lacks {key!r} (hymate-client --{key})")
+                return default
+            value = config[key]
+            try:
+                return kind(value) if kind is not Path else Path(str(value)).expanduser()
+            except (TypeError, ValueError):
+                raise SiteConfigError(f"node config {key!r}={value!r} is not a valid {kind.__name__}") from None
+
+        return cls(
+            dataset=get("dataset", str, required=True),
+            state_dir=get("state-dir", Path, required=True),
+            data=get("data", Path),
+            site=get("site", str),
+            device=get("device", str, "auto"),
+            split_seed=get("split-seed", int, 0),
+            name=get("name", str),
+        )
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.site or self.dataset
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """A site's stays split into train/val/test (patient-level, stratified, by seed)."""
+
+    settings: SiteSettings
+    train: StayTable
+    val: StayTable
+    test: StayTable
+    summary: LoadSummary = field(repr=False)
+
+    @property
+    def schema(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return self.train.variables, self.train.static_names
+
+    def local_ids(self) -> frozenset[str]:
+        """Every stay and patient id of the site: text that must never leave it."""
+        tables = (self.train, self.val, self.test)
+        return frozenset(str(x) for t in tables for x in np.concatenate([t.stay_ids, t.patient_ids]))
+
+    def provenance(self) -> dict[str, Any]:
+        """Aggregate facts for the model card: counts and rates only, no record of any patient."""
+        labels = np.concatenate([self.train.labels, self.val.labels, self.test.labels])
+        return {
+            "dataset": self.settings.dataset,
+            "stays_train": len(self.train),
+            "stays_val": len(self.val),
+            "stays_test": len(self.test),
+            "prevalence": round(float(labels.mean()), 3) if len(labels) else 0.0,
+            "events": self.train.n_events + self.val.n_events + self.test.n_events,
+        }
+
+
+@cache
+def open_site(settings: SiteSettings) -> LocalData:
+    """Load, validate and split the site's data (cached for the life of the process)."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    summary = LoadSummary(source=settings.dataset)
+    table = load_dataset(settings.dataset, settings.data, cache_dir=settings.state_dir / "parsed", summary=summary)
+    if settings.site is not None:
+        if settings.site not in table.site_names():
+            raise DataError(
+                f"site {settings.site!r} is not in dataset {settings.dataset!r}; it has {', '.join(table.site_names())}"
+            )
+        table = table.where_site(settings.site)
+    if len(table) == 0:
+        raise DataError(f"dataset {settings.dataset!r} at {settings.data} holds no stays")
+    train, val, test = split_stays(table, seed=settings.split_seed).tables(table)
+    log.info("site %s: %s; %d train, %d val, %d test stays", settings.display_name, summary, len(train), len(val), len(test))
+    return LocalData(settings, train, val, test, summary)

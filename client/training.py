@@ -1,0 +1,117 @@
+"""One site's part of a round: check the received model, train it locally, evaluate it.
+
+Arrays come in and go out as ``{parameter name: ndarray}``; the Flower layer (client/app.py)
+only converts records. The received model is checked against the model this site builds
+from the plan before a single weight is loaded: a coordinator bug or a tampered message
+must fail loudly here, not train garbage on patient data.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from client.site import LocalData
+from hymate.data.batches import StayDataset, make_loader
+from hymate.local_plan import LocalPlan
+from hymate.model import HyMaTE
+from hymate.train import (
+    ProximalTerm,
+    TrainConfig,
+    evaluate,
+    make_optimizer,
+    positive_class_weight,
+    select_device,
+    train_epoch,
+)
+
+
+class ModelMismatchError(ValueError):
+    """The received weights do not fit the model the plan describes."""
+
+
+def build_model(plan: LocalPlan, data: LocalData) -> HyMaTE:
+    variables, static = data.schema
+    return HyMaTE(plan.model.for_schema(len(variables), len(static)))
+
+
+def load_checked(model: HyMaTE, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load ``arrays`` into ``model`` after checking names, shapes, dtypes and finiteness."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+    if missing or unexpected:
+        raise ModelMismatchError(f"received model has missing {missing[:5]} / unexpected {unexpected[:5]} parameters")
+    state = {}
+    for name, reference in expected.items():
+        array = np.asarray(arrays[name])
+        if tuple(array.shape) != tuple(reference.shape):
+            raise ModelMismatchError(f"parameter {name}: shape {tuple(array.shape)}, expected {tuple(reference.shape)}")
+        if str(array.dtype) != str(reference.dtype).removeprefix("torch."):
+            raise ModelMismatchError(f"parameter {name}: dtype {array.dtype}, expected {reference.dtype}")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ModelMismatchError(f"parameter {name} holds non-finite values")
+        state[name] = torch.from_numpy(array.copy())
+    model.load_state_dict(state)
+
+
+def weights_of(model: HyMaTE) -> dict[str, np.ndarray]:
+    return {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
+
+
+def _train_config(plan: LocalPlan, data: LocalData) -> TrainConfig:
+    return TrainConfig(
+        epochs=plan.local_epochs,
+        batch_size=plan.batch_size,
+        learning_rate=plan.learning_rate,
+        weight_decay=plan.weight_decay,
+        max_grad_norm=plan.max_grad_norm,
+        max_events=plan.max_events,
+        device=data.settings.device,
+        seed=plan.seed,
+    )
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    weights: dict[str, np.ndarray]
+    num_examples: int
+    train_loss: float
+
+
+def train_locally(
+    plan: LocalPlan, data: LocalData, arrays: Mapping[str, np.ndarray], server_round: int, proximal_mu: float = 0.0
+) -> TrainOutcome:
+    """``plan.local_epochs`` epochs of AdamW on the site's training stays, from the global weights.
+
+    ``proximal_mu`` > 0 adds FedProx's proximal term (the coordinator's FedProx sends it).
+    """
+    config = _train_config(plan, data)
+    seed = plan.seed + 1000 * server_round + zlib.crc32(data.settings.display_name.encode()) % 1000
+    torch.manual_seed(seed)
+    model = build_model(plan, data)
+    load_checked(model, arrays)
+    device = select_device(config.device)
+    model.to(device)
+    loader = make_loader(StayDataset(data.train, plan.normalizer, config.max_events), config.batch_size, True, seed)
+    optimizer = make_optimizer(model, config)
+    proximal = ProximalTerm.at(model, proximal_mu) if proximal_mu > 0 else None
+    pos_weight = positive_class_weight(data.train.labels)
+    losses = [
+        train_epoch(model, loader, optimizer, device, pos_weight, config.max_grad_norm, proximal)
+        for _ in range(config.epochs)
+    ]
+    return TrainOutcome(weights_of(model.cpu()), len(data.train), float(np.mean(losses)))
+
+
+def evaluate_locally(plan: LocalPlan, data: LocalData, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Loss, AUROC, AUPRC and n of the received model on the site's test stays."""
+    model = build_model(plan, data)
+    load_checked(model, arrays)
+    device = select_device(data.settings.device)
+    loader = make_loader(StayDataset(data.test, plan.normalizer, plan.max_events), 2 * plan.batch_size, False)
+    result = evaluate(model.to(device), loader, device, positive_class_weight(data.train.labels))
+    return {"loss": result.loss, "auroc": result.auroc, "auprc": result.auprc, "num-examples": result.n}
