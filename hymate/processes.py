@@ -1,0 +1,113 @@
+"""Child process groups that never outlive the command that started them.
+
+``hymate-server`` and ``hymate-client`` run Flower's SuperLink and SuperNode as children,
+and those start executors of their own. Each child leads a new process group, so stopping
+it stops everything it started. If the parent dies (a crash, ``kill -9``) the kernel sends
+the child SIGTERM (Linux), and the group id is kept in a pid file, so the next start (for
+example ``hymate-server --resume``) ends whatever the crashed incarnation left running
+instead of finding its port taken and its ServerApp still writing to the run directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup() -> None:
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _group_runs(pgid: int, program: str) -> bool:
+    """Whether a process of group ``pgid`` runs ``program`` (so a recycled id is left alone)."""
+    proc = Path("/proc")
+    if not proc.exists():
+        return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and program in (stat.parent / "cmdline").read_bytes().decode(errors="replace"):
+                return True
+        except (OSError, IndexError, ValueError):
+            continue
+    return False
+
+
+def _end_group(pgid: int, timeout: float, own: subprocess.Popen | None = None) -> None:
+    """SIGTERM to the whole group, SIGKILL to what is left after ``timeout`` seconds.
+
+    ``own``: our own child leading the group, reaped while we wait (a zombie still counts
+    as a group member until its parent collects it).
+    """
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if own is not None:
+                own.poll()
+            if not _group_alive(pgid):
+                return
+            time.sleep(0.1)
+        if sig == signal.SIGTERM:
+            log.warning("process group %d did not stop in %.0f s; killing it", pgid, timeout)
+
+
+def start_child(args: Sequence[str], log_path: Path, pid_file: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start ``args`` as a new process group logging to ``log_path``; ends a stale group from ``pid_file`` first."""
+    if pid_file.exists():
+        try:
+            stale = int(pid_file.read_text().strip())
+        except ValueError:
+            stale = 0
+        if stale > 0 and _group_alive(stale) and _group_runs(stale, Path(args[0]).name):
+            log.warning("ending process group %d left behind by an earlier run (%s)", stale, pid_file)
+            _end_group(stale, timeout=10.0)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        process = subprocess.Popen(
+            list(args), stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, preexec_fn=_child_setup
+        )
+    pid_file.write_text(f"{process.pid}\n")
+    return process
+
+
+def stop_child(process: subprocess.Popen, pid_file: Path, timeout: float = 10.0) -> None:
+    """Stop the child's whole process group (SIGTERM, then SIGKILL) and forget its pid file."""
+    _end_group(process.pid, timeout, own=process)
+    process.wait()
+    pid_file.unlink(missing_ok=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,183 @@
+"""``hymate-server``: the coordinator's command.
+
+    hymate-server init-certs DIR --sites 3              keys and certificates for a pilot
+    hymate-server --run-dir runs/fed --rounds 5 --strategy fedavg \\
+        --ssl-ca-certfile ca.crt --ssl-certfile server.crt --ssl-keyfile server.key \\
+        --site-keys DIR/sites                             run a federation (TLS + node auth)
+    hymate-server ... --resume                          continue after a crash
+
+It starts a Flower SuperLink (TLS and SuperNode authentication on unless ``--insecure``),
+registers the sites' public keys, starts the ServerApp with ``flwr run`` and waits for it,
+then stops what it started. Settings are checked before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import tomli_w
+
+from hymate.processes import free_port
+from server.certs import create_federation_keys
+from server.run_dir import RunDirectory, RunDirError
+from server.settings import ServerSettings, SettingsError
+from server.superlink import SuperLink, SuperLinkError, TLSFiles
+from strategies.registry import StrategyError, StrategySpec, build_strategy
+
+log = logging.getLogger("hymate-server")
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    d = ServerSettings()
+    p = argparse.ArgumentParser(
+        prog="hymate-server",
+        description="Coordinate a HyMaTE federation (subcommand init-certs creates pilot keys).",
+    )
+    p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, logs, final model and model card")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir after its last complete round")
+    p.add_argument("--strategy", default=d.strategy.name, help="registered name or module:Class (default fedavg)")
+    p.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE", help="strategy option (repeatable)")
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--min-clients", type=int, default=d.min_clients, help="sites that must reply in every round")
+    p.add_argument("--round-timeout", type=float, default=d.round_timeout, help="seconds to wait for replies per round")
+    p.add_argument("--wait-for-clients", type=float, default=d.wait_for_clients, help="seconds to wait for enough sites")
+    p.add_argument("--local-epochs", type=int, default=d.local_epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--d-model", type=int, default=d.model.d_model)
+    p.add_argument("--seed", type=int, default=d.seed)
+    net = p.add_argument_group("network and security")
+    net.add_argument("--address", default="127.0.0.1:9093", help="HOST:PORT the SuperLink listens on")
+    net.add_argument("--ssl-ca-certfile", type=Path)
+    net.add_argument("--ssl-certfile", type=Path)
+    net.add_argument("--ssl-keyfile", type=Path)
+    net.add_argument("--site-keys", type=Path, action="append", default=[], help="a site's .pub key, or a folder of them")
+    net.add_argument("--insecure", action="store_true", help="no TLS and no site authentication (never with patient data)")
+    p.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up on the whole run after this many seconds")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def build_certs_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hymate-server init-certs", description="Create a CA, a server certificate and site keys.")
+    p.add_argument("directory", type=Path)
+    sites = p.add_mutually_exclusive_group()
+    sites.add_argument("--sites", type=int, default=0, help="create keys for site-1 .. site-N")
+    sites.add_argument("--site", action="append", default=[], help="create a key for this site name (repeatable)")
+    p.add_argument("--host", action="append", default=[], help="host name or IP the server certificate is for (repeatable)")
+    return p
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The [tool.flwr.app.config] overrides for this run."""
+    return {
+        "strategy": args.strategy,
+        "strategy-options": " ".join(args.strategy_option),
+        "num-server-rounds": args.rounds,
+        "min-clients": args.min_clients,
+        "run-dir": str(args.run_dir.resolve()),
+        "resume": args.resume,
+        "round-timeout": args.round_timeout,
+        "wait-for-clients": args.wait_for_clients,
+        "local-epochs": args.local_epochs,
+        "batch-size": args.batch_size,
+        "learning-rate": args.learning_rate,
+        "d-model": args.d_model,
+        "seed": args.seed,
+    }
+
+
+def site_public_keys(paths: list[Path]) -> dict[str, Path]:
+    keys: dict[str, Path] = {}
+    for path in paths:
+        found = sorted(path.glob("*.pub")) if path.is_dir() else [path]
+        if not found or not all(f.is_file() for f in found):
+            raise SettingsError(f"--site-keys {path}: no .pub key file there")
+        keys |= {f.stem: f for f in found}
+    return keys
+
+
+def tls_files(args: argparse.Namespace) -> TLSFiles | None:
+    if args.insecure:
+        log.warning("=" * 72)
+        log.warning("INSECURE: no TLS, no site authentication. Never use this with patient data.")
+        log.warning("=" * 72)
+        return None
+    missing = [f for f in ("ssl_ca_certfile", "ssl_certfile", "ssl_keyfile") if getattr(args, f) is None]
+    if missing:
+        raise SettingsError(
+            f"TLS needs --{' --'.join(m.replace('_', '-') for m in missing)} (create them with `hymate-server init-certs`), "
+            "or pass --insecure explicitly"
+        )
+    for f in ("ssl_ca_certfile", "ssl_certfile", "ssl_keyfile"):
+        if not getattr(args, f).is_file():
+            raise SettingsError(f"--{f.replace('_', '-')} {getattr(args, f)}: no such file")
+    return TLSFiles(args.ssl_ca_certfile.resolve(), args.ssl_certfile.resolve(), args.ssl_keyfile.resolve())
+
+
+def run(args: argparse.Namespace) -> int:
+    config = run_config(args)
+    settings = ServerSettings.from_run_config(config)  # validates every value before anything starts
+    build_strategy(StrategySpec.parse(args.strategy, args.strategy_option), settings.min_clients)
+    RunDirectory(args.run_dir).prepare(resume=args.resume)
+    tls = tls_files(args)
+    keys = site_public_keys(args.site_keys) if tls else {}
+    if tls and not keys:
+        raise SettingsError("site authentication is on: pass --site-keys with the sites' public keys")
+    host, _, port = args.address.rpartition(":")
+    superlink = SuperLink(args.run_dir / "superlink", host or "127.0.0.1", int(port or free_port()), tls)
+    config_file = args.run_dir / "superlink" / "run_config.toml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(tomli_w.dumps(config))
+    try:
+        superlink.start()
+        for name, key in keys.items():
+            superlink.register(key, name)
+        run_id = superlink.run_app(PROJECT_DIR, config_file)
+        log.info("run %s started: %d rounds of %s; logs in %s", run_id, args.rounds, args.strategy, args.run_dir)
+        status = superlink.wait_for_run(run_id, args.timeout)
+        if status != "finished:completed":
+            print(superlink.run_log(run_id)[-4000:], file=sys.stderr)
+            print(f"hymate-server: run {run_id} ended as {status}", file=sys.stderr)
+            return 1
+    finally:
+        superlink.stop()
+    print(f"federation finished: {args.rounds} rounds; model and model card in {args.run_dir}")
+    return 0
+
+
+def init_certs(argv: list[str]) -> int:
+    args = build_certs_parser().parse_args(argv)
+    sites = args.site or [f"site-{i}" for i in range(1, args.sites + 1)]
+    keys = create_federation_keys(args.directory, sites, args.host or None)
+    print(f"CA: {keys.ca_cert}\nserver certificate: {keys.server_cert} (key {keys.server_key})")
+    for site, path in keys.site_keys.items():
+        print(f"site {site}: private key {path} (give to the site), public key {path}.pub (register)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["init-certs"]:
+        return init_certs(argv[1:])
+    args = build_run_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("hymate-server").setLevel(logging.INFO)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the SuperLink is stopped on the way out
+    try:
+        return run(args)
+    except (SettingsError, StrategyError, RunDirError, SuperLinkError, ValueError) as e:
+        print(f"hymate-server: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
