@@ -1,8 +1,10 @@
 """Discrimination and calibration metrics for binary clinical outcomes.
 
-AUROC and AUPRC come from scikit-learn. A set with one class only (a small site with no
-deaths) has no AUROC: it is reported as NaN, not as an exception, because federations meet
-such sites in practice and the rest of the evaluation must go on.
+AUROC and AUPRC come from scikit-learn (imported on first use: every federated message
+starts a fresh process, and scikit-learn's import alone costs a second there). A set with one
+class only (a small site with no deaths) has no AUROC: it is reported as NaN, not as an
+exception, because federations meet such sites in practice and the rest of the evaluation
+must go on.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     labels = np.asarray(labels)
     if len(np.unique(labels)) < 2:
         return float("nan")
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(labels, scores))
 
 
@@ -25,6 +28,8 @@ def auprc(labels: np.ndarray, scores: np.ndarray) -> float:
     labels = np.asarray(labels)
     if labels.sum() == 0:
         return float("nan")
+    from sklearn.metrics import average_precision_score
+
     return float(average_precision_score(labels, scores))
 
 

@@ -73,7 +73,6 @@ class SuperLink:
             _flwr_bin("flower-superlink"),
             "--host", self.host,
             "--port", str(self.port),
-            "--database", str(self.state_dir / "superlink.db"),
             # Offline sites and coordinators: never install an app's dependencies at run time.
             "--disable-runtime-dependency-installation",
         ]

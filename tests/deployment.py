@@ -1,0 +1,112 @@
+"""Real federations on loopback for tests: hymate-server and hymate-client as processes.
+
+Every process runs in its own process group and is ended by group at teardown; every wait
+has a deadline. Ports are free ones on 127.0.0.1, so tests never reach another machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hymate.processes import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(poll)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@dataclass
+class Deployment:
+    """A coordinator and its sites under ``root``, with pilot keys made by ``hymate-server init-certs``."""
+
+    root: Path
+    n_sites: int = 3
+    port: int = field(default_factory=free_port)
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.keys = self.root / "keys"
+        subprocess.run(
+            [BIN / "hymate-server", "init-certs", str(self.keys), "--sites", str(self.n_sites)],
+            check=True, capture_output=True, timeout=60,
+        )
+        self.run_dir = self.root / "run"
+
+    def _start(self, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.root / log_name, "ab")
+        process = subprocess.Popen(
+            [str(a) for a in args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})},
+        )
+        log.close()
+        self.processes.append(process)
+        return process
+
+    def start_server(self, *extra: str, resume: bool = False) -> subprocess.Popen:
+        args = [
+            BIN / "hymate-server", "--run-dir", self.run_dir, "--address", f"127.0.0.1:{self.port}",
+            "--ssl-ca-certfile", self.keys / "ca.crt", "--ssl-certfile", self.keys / "server.crt",
+            "--ssl-keyfile", self.keys / "server.key", "--site-keys", self.keys / "sites",
+            "--d-model", "16", "--round-timeout", "90", "--wait-for-clients", "120", "--timeout", "600", "-v", *extra,
+        ]
+        return self._start(args + (["--resume"] if resume else []), "server.log")
+
+    def start_client(self, i: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Site ``i`` (1-based) holds the synthetic data's site-(i-1)."""
+        args = [
+            BIN / "hymate-client", "--server", f"127.0.0.1:{self.port}", "--dataset", "synthetic",
+            "--site", f"site-{i - 1}", "--name", f"hospital-{i}", "--state-dir", self.state_dir(i),
+            "--root-cert", self.keys / "ca.crt", "--auth-key", self.keys / "sites" / f"site-{i}", "-v",
+        ]
+        return self._start(args, f"client{i}.log", env)
+
+    def state_dir(self, i: int) -> Path:
+        return self.root / f"site{i}"
+
+    def log(self, name: str) -> str:
+        path = self.root / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def rounds_done(self) -> list[int]:
+        if not self.run_dir.exists():
+            return []
+        return sorted(int(p.name.split("-")[1]) for p in self.run_dir.glob("round-[0-9]*") if p.is_dir())
+
+    def wait_server(self, server: subprocess.Popen, timeout: float) -> int:
+        try:
+            return server.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(
+                f"hymate-server still running after {timeout:.0f} s\n--- server log ---\n{self.log('server.log')[-3000:]}"
+            ) from None
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                kill_group(process, signal.SIGTERM)

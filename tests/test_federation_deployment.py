@@ -1,0 +1,168 @@
+"""End-to-end federations of real processes on 127.0.0.1: hymate-server and hymate-client
+with TLS and SuperNode authentication, on the synthetic data.
+
+Each test bounds every wait; together they run in a few minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import ssl
+import textwrap
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from client.site import SiteSettings, open_site
+from tests.deployment import Deployment, kill_group, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    d = Deployment(tmp_path)
+    yield d
+    d.stop()
+
+
+def round_metrics(d: Deployment, r: int) -> dict:
+    return json.loads((d.run_dir / f"round-{r:03d}" / "metrics.json").read_text())
+
+
+def weights(d: Deployment, r: int) -> dict[str, np.ndarray]:
+    with np.load(d.run_dir / f"round-{r:03d}" / "weights.npz") as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def test_three_hospitals_train_over_tls_and_nothing_but_updates_leaves_them(deployment):
+    d = deployment
+    server = d.start_server("--rounds", "2", "--min-clients", "3")
+    wait_until(lambda: "registered site site-3" in d.log("server.log"), 90, "the SuperLink to register the sites")
+    for i in (1, 2, 3):
+        d.start_client(i)
+
+    assert d.wait_server(server, 330) == 0, d.log("server.log")[-3000:]
+
+    # TLS is on: a plain-HTTP request is refused, an HTTPS one verified by our CA is not.
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(f"http://127.0.0.1:{d.port}/health", timeout=5)
+
+    assert d.rounds_done() == [1, 2]
+    for r in (1, 2):
+        m = round_metrics(d, r)
+        assert m["round"] == r
+        assert sorted(m["sites"]["train"]) == ["hospital-1", "hospital-2", "hospital-3"]
+        assert sorted(m["sites"]["evaluate"]) == ["hospital-1", "hospital-2", "hospital-3"]
+        assert m["rejected"] == []
+        n = [m["sites"]["train"][s]["num-examples"] for s in sorted(m["sites"]["train"])]
+        # The aggregated loss is the example-weighted mean of the three sites' losses.
+        losses = [m["sites"]["train"][s]["train_loss"] for s in sorted(m["sites"]["train"])]
+        assert m["train"]["train_loss"] == pytest.approx(np.average(losses, weights=n))
+        assert 0.0 <= m["evaluate"]["auroc"] <= 1.0
+
+    first, second = weights(d, 1), weights(d, 2)
+    assert first.keys() == second.keys()
+    assert any(not np.array_equal(first[k], second[k]) for k in first), "the global model did not change"
+
+    card = json.loads((d.run_dir / "model_card.json").read_text())
+    assert card["training"]["rounds_completed"] == 2
+    assert sorted(card["data_provenance"]) == ["hospital-1", "hospital-2", "hospital-3"]
+    assert (d.run_dir / "model.pt").stat().st_size > 0
+
+    # What each hospital sent, from its own audit log: arrays are the model's parameters or
+    # moment sums, never shaped like its data, and no stay or patient id appears anywhere.
+    parameter_shapes = {tuple(a.shape) for a in first.values()}
+    for i in (1, 2, 3):
+        data = open_site(SiteSettings(dataset="synthetic", site=f"site-{i - 1}", state_dir=d.state_dir(i)))
+        data_shapes = {
+            (len(t),) for t in (data.train, data.val, data.test)
+        } | {(t.n_events,) for t in (data.train, data.val, data.test)} | {t.static.shape for t in (data.train, data.val, data.test)}
+        sent = [json.loads(line) for line in (d.state_dir(i) / "outgoing.jsonl").read_text().splitlines()]
+        assert [s["type"] for s in sent].count("train") == 2
+        for message in sent:
+            for name, (_, shape) in message["arrays"].items():
+                assert tuple(shape) not in data_shapes - parameter_shapes, f"{name} {shape} is shaped like local data"
+            text = json.dumps(message)
+            leaked = [x for x in data.local_ids() if f'"{x}"' in text]
+            assert not leaked, f"local ids {leaked[:3]} left hospital-{i}"
+
+
+def test_server_crash_resume_and_a_lost_hospital(deployment):
+    d = deployment
+    server = d.start_server("--rounds", "2", "--min-clients", "2")
+    wait_until(lambda: "registered site site-3" in d.log("server.log"), 90, "the SuperLink to register the sites")
+    clients = {i: d.start_client(i) for i in (1, 2, 3)}
+    wait_until(lambda: 1 in d.rounds_done(), 200, "round 1")
+
+    kill_group(server)  # the coordinator crashes (SIGKILL) after round 1 ...
+    kill_group(clients[3])  # ... and hospital 3 goes away for good
+    restarted_at = time.time()
+    server = d.start_server("--rounds", "2", "--min-clients", "2", resume=True)
+
+    assert d.wait_server(server, 260) == 0, d.log("server.log")[-3000:]
+    assert d.rounds_done() == [1, 2]
+    history = [round_metrics(d, r) for r in (1, 2)]
+    assert [m["round"] for m in history] == [1, 2]
+    assert len(history[0]["sites"]["train"]) == 3
+    assert sorted(history[1]["sites"]["train"]) == ["hospital-1", "hospital-2"]
+    # Round 1 was kept, not redone: the resumed run continued after it, from its weights.
+    assert (d.run_dir / "round-001" / "metrics.json").stat().st_mtime < restarted_at
+    assert (d.run_dir / "round-002" / "metrics.json").stat().st_mtime > restarted_at
+    card = json.loads((d.run_dir / "model_card.json").read_text())
+    assert card["training"]["rounds_completed"] == 2
+    assert sorted(card["final_evaluation"]["per_site"]) == ["hospital-1", "hospital-2"]
+
+
+POISON = textwrap.dedent(
+    """
+    # Loaded at interpreter start-up of one site's processes only (PYTHONPATH): like any
+    # malicious site it skips our outgoing-message audit, and its "training" returns NaN
+    # weights (HYMATE_POISON=nan) or a wrongly shaped tensor (HYMATE_POISON=shape).
+    import os
+    import numpy as np
+    import client.audit as audit
+    import client.training as training
+
+    audit.check_outgoing = lambda request, reply, local_ids: {}
+    honest = training.train_locally
+
+    def poisoned(plan, data, arrays, server_round, proximal_mu=0.0):
+        outcome = honest(plan, data, arrays, server_round, proximal_mu)
+        name = sorted(outcome.weights)[0]
+        if os.environ["HYMATE_POISON"] == "nan":
+            outcome.weights[name] = np.full_like(outcome.weights[name], np.nan)
+        else:
+            outcome.weights[name] = np.zeros(outcome.weights[name].shape + (2,), outcome.weights[name].dtype)
+        return outcome
+
+    training.train_locally = poisoned
+    """
+)
+
+
+def test_poisoned_updates_are_rejected_and_the_round_goes_on(deployment, tmp_path):
+    d = deployment
+    poison_dir = tmp_path / "poison"
+    poison_dir.mkdir()
+    (poison_dir / "sitecustomize.py").write_text(POISON)
+    server = d.start_server("--rounds", "1", "--min-clients", "1")
+    wait_until(lambda: "registered site site-3" in d.log("server.log"), 90, "the SuperLink to register the sites")
+    d.start_client(1)
+    d.start_client(2, env={"PYTHONPATH": str(poison_dir), "HYMATE_POISON": "shape"})
+    d.start_client(3, env={"PYTHONPATH": str(poison_dir), "HYMATE_POISON": "nan"})
+
+    assert d.wait_server(server, 330) == 0, d.log("server.log")[-3000:]
+    m = round_metrics(d, 1)
+    assert sorted(m["sites"]["train"]) == ["hospital-1"]
+    reasons = {r["site"]: r["reason"] for r in m["rejected"] if r["phase"] == "train"}
+    assert sorted(reasons) == ["hospital-2", "hospital-3"]
+    assert "expected float32" in reasons["hospital-2"]
+    assert "non-finite" in reasons["hospital-3"]
+    assert all(np.isfinite(w).all() for w in weights(d, 1).values())
+    card = (d.run_dir / "model_card.md").read_text()
+    assert "hospital-2 (train)" in card and "hospital-3 (train)" in card
