@@ -55,10 +55,10 @@ def merged_options(args: argparse.Namespace) -> dict:
             options = tomllib.loads(args.config.read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise SiteConfigError(f"--config {args.config}: {e}") from e
-        unknown = set(options) - {a.replace("-", "_") for a in vars(args)} - set(vars(args))
+        options = {k.replace("-", "_"): v for k, v in options.items()}
+        unknown = set(options) - set(vars(args)) | ({"config"} & set(options))
         if unknown:
             raise SiteConfigError(f"--config {args.config}: unknown options {sorted(unknown)}")
-        options = {k.replace("-", "_"): v for k, v in options.items()}
     options.update({k: v for k, v in vars(args).items() if v not in (None, False)})
     return options
 
