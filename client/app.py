@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.audit import SiteResolver, make_audit_mod
+from client.audit import make_audit_mod
+from client.partition import open_partition
 from client.site import LocalData, SiteConfigError, SiteSettings, open_site
 from client.training import ModelMismatchError, evaluate_locally, train_locally
 from hymate.data import DataError, MomentSums
@@ -60,8 +62,12 @@ def _from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
-def site_from_node_config(context: Context) -> LocalData:
-    """A deployed site: its data and settings come from ``--node-config`` (hymate-client flags)."""
+def resolve_site(context: Context) -> LocalData:
+    """A deployed hospital (its ``--node-config``) or a simulated one (a partition of the
+    dataset named by the run's ``simulation-manifest``, picked by Flower's ``partition-id``)."""
+    manifest = context.run_config.get("simulation-manifest", "")
+    if manifest and "partition-id" in context.node_config:
+        return open_partition(str(manifest), int(context.node_config["partition-id"]))
     return open_site(SiteSettings.from_node_config(context.node_config))
 
 
@@ -69,59 +75,54 @@ def _site_record(data: LocalData) -> ConfigRecord:
     return ConfigRecord({"name": data.settings.display_name})
 
 
-def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
-    """The ClientApp, reading each site's data through ``resolve_site``.
+app = ClientApp(mods=[make_audit_mod(resolve_site)])
 
-    Deployed sites use their node config; the simulator passes a resolver that maps a
-    virtual node's partition id to its share of a dataset. The handlers are the same.
-    """
-    app = ClientApp(mods=[make_audit_mod(resolve_site)])
+@app.query()
+@reported_safely
+def query(msg: Message, context: Context) -> Message:
+    data = resolve_site(context)
+    moments = MomentSums.from_table(data.train).to_arrays()
+    variables, static = data.schema
+    schema = ConfigRecord({"variables": list(variables), "static": list(static), "dataset": data.settings.dataset})
+    provenance = {k: v for k, v in data.provenance().items() if k != "dataset"}
+    content = RecordDict(
+        {
+            "moments": _to_record(moments),
+            "schema": schema,
+            "metrics": MetricRecord({"num-examples": len(data.train)} | provenance),
+            "site": _site_record(data),
+        }
+    )
+    return Message(content, reply_to=msg)
 
-    @app.query()
-    @reported_safely
-    def query(msg: Message, context: Context) -> Message:
-        data = resolve_site(context)
-        moments = MomentSums.from_table(data.train).to_arrays()
-        variables, static = data.schema
-        schema = ConfigRecord({"variables": list(variables), "static": list(static), "dataset": data.settings.dataset})
-        provenance = {k: v for k, v in data.provenance().items() if k != "dataset"}
-        content = RecordDict(
-            {
-                "moments": _to_record(moments),
-                "schema": schema,
-                "metrics": MetricRecord({"num-examples": len(data.train)} | provenance),
-                "site": _site_record(data),
-            }
-        )
-        return Message(content, reply_to=msg)
+@app.train()
+@reported_safely
+def train(msg: Message, context: Context) -> Message:
+    data = resolve_site(context)
+    config = msg.content["config"]
+    plan = LocalPlan.from_record(config)
+    started = time.perf_counter()
+    outcome = train_locally(
+        plan,
+        data,
+        _from_record(msg.content["arrays"]),
+        server_round=int(config.get("server-round", 0)),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    metrics = MetricRecord(
+        {"num-examples": outcome.num_examples, "train_loss": outcome.train_loss, "seconds": time.perf_counter() - started}
+    )
+    content = RecordDict({"arrays": _to_record(outcome.weights), "metrics": metrics, "site": _site_record(data)})
+    return Message(content, reply_to=msg)
 
-    @app.train()
-    @reported_safely
-    def train(msg: Message, context: Context) -> Message:
-        data = resolve_site(context)
-        config = msg.content["config"]
-        plan = LocalPlan.from_record(config)
-        outcome = train_locally(
-            plan,
-            data,
-            _from_record(msg.content["arrays"]),
-            server_round=int(config.get("server-round", 0)),
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-        )
-        metrics = MetricRecord({"num-examples": outcome.num_examples, "train_loss": outcome.train_loss})
-        content = RecordDict({"arrays": _to_record(outcome.weights), "metrics": metrics, "site": _site_record(data)})
-        return Message(content, reply_to=msg)
+@app.evaluate()
+@reported_safely
+def evaluate(msg: Message, context: Context) -> Message:
+    data = resolve_site(context)
+    plan = LocalPlan.from_record(msg.content["config"])
+    started = time.perf_counter()
+    metrics = evaluate_locally(plan, data, _from_record(msg.content["arrays"]))
+    metrics["seconds"] = time.perf_counter() - started
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(data)})
+    return Message(content, reply_to=msg)
 
-    @app.evaluate()
-    @reported_safely
-    def evaluate(msg: Message, context: Context) -> Message:
-        data = resolve_site(context)
-        plan = LocalPlan.from_record(msg.content["config"])
-        metrics = evaluate_locally(plan, data, _from_record(msg.content["arrays"]))
-        content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(data)})
-        return Message(content, reply_to=msg)
-
-    return app
-
-
-app = build_client_app()

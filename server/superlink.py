@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,17 +50,21 @@ def _flwr_bin(name: str) -> str:
 class SuperLink:
     """A SuperLink started (and stopped) by us, with its own FLWR_HOME under the run dir."""
 
-    def __init__(self, state_dir: Path, host: str, port: int, tls: TLSFiles | None):
+    def __init__(
+        self, state_dir: Path, host: str, port: int, tls: TLSFiles | None, simulation: bool = False, env: dict | None = None
+    ):
         self.state_dir = Path(state_dir)
         self.address = f"{host}:{port}"
         self.host, self.port, self.tls = host, port, tls
+        self.simulation = simulation  # run ServerApp and ClientApps on Flower's Simulation Engine (Ray)
+        self.extra_env = env or {}
         self.flwr_home = self.state_dir / "flwr"
         self.pid_file = self.state_dir / "superlink.pid"
         self.process: subprocess.Popen | None = None
 
     @property
     def env(self) -> dict[str, str]:
-        return {"FLWR_HOME": str(self.flwr_home), "FLWR_TELEMETRY_ENABLED": "0"}
+        return {"FLWR_HOME": str(self.flwr_home), "FLWR_TELEMETRY_ENABLED": "0", **self.extra_env}
 
     def write_connection(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
@@ -76,6 +81,8 @@ class SuperLink:
             # Offline sites and coordinators: never install an app's dependencies at run time.
             "--disable-runtime-dependency-installation",
         ]
+        if self.simulation:
+            args += ["--simulation"]
         if self.tls:
             args += ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.cert),
                      "--ssl-keyfile", str(self.tls.key), "--enable-supernode-auth"]
@@ -130,19 +137,28 @@ class SuperLink:
                 raise
             log.info("site %s was already registered", name)
 
-    def run_app(self, app_dir: Path, run_config: Path) -> str:
-        return str(self.flwr("run", str(app_dir), CONNECTION, "--run-config", str(run_config))["run-id"])
+    def run_app(self, app_dir: Path, run_config: Path, federation_config: str | None = None) -> str:
+        args = ["run", str(app_dir), CONNECTION, "--run-config", str(run_config)]
+        if federation_config:
+            args += ["--federation-config", federation_config]
+        return str(self.flwr(*args)["run-id"])
 
-    def wait_for_run(self, run_id: str, timeout: float, poll: float = 2.0) -> str:
-        """The run's final status (``finished:completed``, ``finished:failed``, ...)."""
+    def wait_for_run(
+        self, run_id: str, timeout: float, poll: float = 2.0, on_poll: Callable[[], None] | None = None
+    ) -> str:
+        """The run's final status (``finished:completed``, ``finished:failed: <details>``, ...)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise SuperLinkError(f"SuperLink exited with code {self.process.returncode} during run {run_id}")
             runs = self.flwr("list", CONNECTION, "--run-id", run_id).get("runs", [])
             status = runs[0]["status"] if runs else "unknown"
-            if status.startswith("finished"):
+            if on_poll is not None:
+                on_poll()
+            if status == "finished:completed":
                 return status
+            if status.startswith("finished"):
+                return f"{status}: {runs[0].get('status-details', '')}"
             time.sleep(poll)
         raise SuperLinkError(f"run {run_id} did not finish within {timeout:.0f} s")
 

@@ -1,54 +1,96 @@
-"""``hymate-sim``: run an experiment on one machine and write its output folder."""
+"""``hymate-sim``: simulate a federation of hospitals on one machine (or a Ray cluster).
+
+    hymate-sim                                             federated, synthetic data, report in runs/sim
+    hymate-sim --dataset physionet2012 --data DIR --protocol all --out runs/p12
+    hymate-sim --partition dirichlet:0.3 --sites 8 --strategy fedprox --strategy-option proximal_mu=0.01
+    hymate-sim --ray-address 10.0.0.5:6379 ...             on an existing Ray cluster (or set RAY_ADDRESS)
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from pathlib import Path
+
+import pandas as pd
 
 from hymate.data import DataError
 from hymate.model import ModelOptions
 from hymate.train import TrainConfig
-from simulation.protocols import ExperimentSpec, run_experiment
-
-PROTOCOLS = ("centralized",)
+from simulation.engine import EngineSettings, SimulationError
+from simulation.partitioners import PartitionError, PartitionScheme
+from simulation.protocols import PROTOCOLS, Experiment, SimulationSpec, site_summary
+from simulation.report import results_frame, write_report
+from strategies.registry import StrategyError, StrategySpec, build_strategy
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="hymate-sim",
-        description="Simulate HyMaTE training on one machine and report per-site AUROC/AUPRC.",
-    )
-    p.add_argument("--protocol", choices=PROTOCOLS, default="centralized")
-    p.add_argument("--dataset", default="synthetic", help="synthetic (default, generated) or physionet2012")
-    p.add_argument("--data", type=Path, help="folder with the dataset's raw files (not needed for synthetic)")
-    p.add_argument("--out", type=Path, default=Path("runs/latest"), help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    model = p.add_argument_group("model")
-    model.add_argument("--d-model", type=int, default=ModelOptions.d_model)
-    model.add_argument("--mamba-layers", type=int, default=ModelOptions.n_mamba_layers)
-    model.add_argument("--attention-layers", type=int, default=ModelOptions.n_attention_layers)
-    model.add_argument("--dropout", type=float, default=ModelOptions.dropout)
-    model.add_argument("--scan-backend", choices=("auto", "cpu", "torch", "cuda"), default="auto")
-    train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    train.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    train.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
-    train.add_argument("--patience", type=int, default=TrainConfig.patience)
-    train.add_argument("--max-events", type=int, default=TrainConfig.max_events)
-    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+    t, m = TrainConfig(), ModelOptions()
+    p = argparse.ArgumentParser(prog="hymate-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data and sites")
+    data.add_argument("--dataset", default="synthetic", help="synthetic (generated, default), physionet2012, ...")
+    data.add_argument("--data", type=Path, help="folder with the dataset's raw files (not for synthetic)")
+    data.add_argument("--partition", default="natural", help="natural | iid | dirichlet:ALPHA | quantity:ALPHA")
+    data.add_argument("--sites", type=int, default=4, help="number of virtual hospitals (not for natural)")
+    data.add_argument("--min-site-size", type=int, default=20, help="fewest stays a site may hold")
+    data.add_argument("--synthetic-sites", type=int, help="sites the synthetic generator makes (default 4)")
+    data.add_argument("--synthetic-stays", type=int, help="stays per synthetic site (default 500)")
+    run = p.add_argument_group("protocols")
+    run.add_argument("--protocol", action="append", help=f"{', '.join(PROTOCOLS)} or all (repeatable; default federated)")
+    run.add_argument("--strategy", default="fedavg", help="aggregation strategy name or module:Class")
+    run.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--rounds", type=int, default=5)
+    run.add_argument("--local-epochs", type=int, default=1)
+    run.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (partition and splits stay fixed)")
+    run.add_argument("--split-seed", type=int, default=0, help="seed of the partition and the per-site splits")
+    run.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 95 %% intervals")
+    model = p.add_argument_group("model and local training")
+    model.add_argument("--d-model", type=int, default=m.d_model)
+    model.add_argument("--mamba-layers", type=int, default=m.n_mamba_layers)
+    model.add_argument("--attention-layers", type=int, default=m.n_attention_layers)
+    model.add_argument("--dropout", type=float, default=m.dropout)
+    model.add_argument("--scan-backend", choices=("auto", "cpu", "torch", "cuda"), default=m.scan_backend)
+    model.add_argument("--epochs", type=int, default=t.epochs, help="epochs of centralized and local training")
+    model.add_argument("--patience", type=int, default=t.patience)
+    model.add_argument("--batch-size", type=int, default=t.batch_size)
+    model.add_argument("--lr", type=float, default=t.learning_rate)
+    model.add_argument("--max-events", type=int, default=t.max_events)
+    model.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    engine = p.add_argument_group("simulation engine")
+    engine.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), help="existing Ray cluster HOST:PORT")
+    engine.add_argument("--cpus-per-client", type=int, default=1)
+    engine.add_argument("--timeout", type=float, default=3600.0, help="seconds before a federated run is abandoned")
+    p.add_argument("--out", type=Path, default=Path("runs/sim"), help="output folder (report, results, plots)")
+    p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
-def spec_from_args(args: argparse.Namespace) -> ExperimentSpec:
-    return ExperimentSpec(
-        protocol=args.protocol,
+def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
+    protocols = args.protocol or ["federated"]
+    protocols = list(PROTOCOLS) if "all" in protocols else [x for item in protocols for x in item.split(",")]
+    strategy = StrategySpec.parse(args.strategy, args.strategy_option)
+    build_strategy(strategy, 1)  # an unknown strategy or option fails here, before any training
+    options = {}
+    if args.dataset == "synthetic":
+        options = {k: v for k, v in (("n_sites", args.synthetic_sites), ("stays_per_site", args.synthetic_stays)) if v}
+    return SimulationSpec(
+        out=args.out,
         dataset=args.dataset,
         data=args.data,
-        out=args.out,
-        seed=args.seed,
+        dataset_options=options,
+        partition=PartitionScheme.parse(args.partition),
+        sites=args.sites,
+        min_site_size=args.min_site_size,
+        protocols=tuple(protocols),
+        strategy=strategy,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        seeds=tuple(args.seeds),
+        split_seed=args.split_seed,
+        bootstrap=args.bootstrap,
         model=ModelOptions(
             d_model=args.d_model,
             n_mamba_layers=args.mamba_layers,
@@ -58,26 +100,45 @@ def spec_from_args(args: argparse.Namespace) -> ExperimentSpec:
         ),
         train=TrainConfig(
             epochs=args.epochs,
+            patience=args.patience,
             batch_size=args.batch_size,
             learning_rate=args.lr,
-            patience=args.patience,
             max_events=args.max_events,
             device=args.device,
-            seed=args.seed,
         ),
+        engine=EngineSettings(cpus_per_client=args.cpus_per_client, ray_address=args.ray_address, timeout=args.timeout),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    start = time.perf_counter()
     try:
         spec = spec_from_args(args)
-        summary = run_experiment(spec)
-    except (DataError, ValueError, FileNotFoundError) as e:
+        experiment = Experiment(spec)
+        result = experiment.run()
+    except (DataError, PartitionError, StrategyError, SimulationError, ValueError, FileNotFoundError) as e:
         print(f"hymate-sim: error: {e}", file=sys.stderr)
         return 2
-    print(summary)
+    results = results_frame(result.rows)
+    setup = {
+        "dataset": f"{spec.dataset} ({len(experiment.table)} stays, {len(experiment.table.variables)} variables)",
+        "sites": f"{len(experiment.sites)} ({args.partition} partition)",
+        "protocols": ", ".join(spec.protocols),
+        "strategy": f"{spec.strategy.name} {spec.strategy.as_string()}".strip(),
+        "rounds x local epochs": f"{spec.rounds} x {spec.local_epochs}",
+        "seeds": ", ".join(map(str, spec.seeds)),
+        "wall time": f"{time.perf_counter() - start:.0f} s",
+    }
+    report = write_report(
+        spec.out, "HyMaTE-FL simulation report", setup, results,
+        pd.DataFrame(site_summary(experiment)), result.federated_runs, result.importance,
+    )
+    pooled = results[(results["test_site"] == "pooled") & (results["metric"].isin(["auroc", "auprc"]))]
+    for (protocol, metric), group in pooled.groupby(["protocol", "metric"]):
+        print(f"{protocol:>12} pooled test {metric.upper()}: {group['value'].mean():.4f}")
+    print(f"report: {report} ({time.perf_counter() - start:.0f} s)")
     return 0
 
 

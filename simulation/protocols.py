@@ -1,60 +1,239 @@
-"""Experiment protocols and what they write: one spec in, one output folder out."""
+"""Experiment protocols over virtual hospitals: who trains on what, and who is tested where.
+
+- ``centralized``: one model on the pooled training stays of all sites (the upper reference);
+- ``local``: one model per site on its own stays, tested on every site (the heat map);
+- ``federated``: the project's ServerApp/ClientApp on Flower's Simulation Engine;
+- ``loso``: leave one site out: federate on the others, test on the held-out one;
+- ``personalized``: the federated model fine-tuned briefly on each site, tested there.
+
+All protocols share one partition and one patient-level split per site (train/val/test), so
+every number in results.csv is measured on the same test stays.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from hymate.centralized import train_centralized
-from hymate.data import load_dataset, split_stays
-from hymate.files import write_csv, write_json
-from hymate.model import ModelOptions
-from hymate.train import TrainConfig
+from hymate.data.batches import StayDataset, make_loader
+from hymate.data import concat_tables, load_dataset, split_stays
+from hymate.data.stays import StayTable
+from hymate.model import HyMaTE, ModelOptions
+from hymate.model_bundle import ModelBundle
+from hymate.train import TrainConfig, fit, positive_class_weight
+from simulation.engine import EngineSettings, simulate_federation
+from simulation.evaluation import Predictions, metric_rows, predict, variable_importance
+from simulation.partitioners import PartitionScheme, partition_stays
+from strategies.registry import StrategySpec
 
 log = logging.getLogger(__name__)
 
+PROTOCOLS = ("centralized", "local", "federated", "loso", "personalized")
+
 
 @dataclass(frozen=True)
-class ExperimentSpec:
-    protocol: str
-    dataset: str
-    data: Path | None
+class SimulationSpec:
     out: Path
-    seed: int = 0
+    dataset: str = "synthetic"
+    data: Path | None = None
+    dataset_options: dict = field(default_factory=dict)
+    partition: PartitionScheme = field(default_factory=lambda: PartitionScheme("natural"))
+    sites: int = 4
+    min_site_size: int = 20
+    protocols: tuple[str, ...] = ("federated",)
+    strategy: StrategySpec = field(default_factory=StrategySpec)
+    rounds: int = 5
+    local_epochs: int = 1
+    personalize_epochs: int = 3
+    seeds: tuple[int, ...] = (0,)
+    split_seed: int = 0
     model: ModelOptions = field(default_factory=ModelOptions)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    bootstrap: int = 200
+
+    def __post_init__(self) -> None:
+        unknown = set(self.protocols) - set(PROTOCOLS)
+        if unknown:
+            raise ValueError(f"unknown protocol(s) {sorted(unknown)}; valid: {', '.join(PROTOCOLS)}")
 
 
-def run_experiment(spec: ExperimentSpec) -> str:
-    """Run the spec's protocol, write its output folder, return a short summary for the terminal."""
-    if spec.protocol != "centralized":
-        raise ValueError(f"unknown protocol {spec.protocol!r}")
-    table = load_dataset(spec.dataset, spec.data)
-    split = split_stays(table, seed=spec.seed)
-    train, val, test = table.subset(split.train), table.subset(split.val), table.subset(split.test)
-    tests = {"all": test} | {site: test.where_site(site) for site in test.site_names()}
-    result = train_centralized(train, val, tests, spec.model, spec.train)
+@dataclass(frozen=True)
+class SiteSplit:
+    train: StayTable
+    val: StayTable
+    test: StayTable
 
-    spec.out.mkdir(parents=True, exist_ok=True)
-    rows = [
-        {"protocol": spec.protocol, "train_sites": "all", "test_site": name, "metric": metric, "value": getattr(ev, metric), "n": ev.n, "seed": spec.seed}
-        for name, ev in result.test.items()
-        for metric in ("auroc", "auprc")
+
+@dataclass
+class ExperimentResult:
+    rows: list[dict] = field(default_factory=list)
+    federated_runs: dict[str, Path] = field(default_factory=dict)  # label -> run dir
+    importance: dict[str, float] = field(default_factory=dict)
+    variables: tuple[str, ...] = ()
+
+
+class Experiment:
+    """One dataset, partitioned into sites and split per site, run under the spec's protocols."""
+
+    def __init__(self, spec: SimulationSpec):
+        self.spec = spec
+        self.table = load_dataset(spec.dataset, spec.data, **spec.dataset_options)
+        rows = partition_stays(self.table, spec.partition, spec.sites, seed=spec.split_seed, min_size=spec.min_site_size)
+        self.site_rows = rows
+        self.sites: dict[str, SiteSplit] = {}
+        for name, index in rows.items():
+            site_table = self.table.subset(index)
+            self.sites[name] = SiteSplit(*split_stays(site_table, seed=spec.split_seed).tables(site_table))
+        self.result = ExperimentResult(variables=self.table.variables)
+        self._bundles: dict[int, ModelBundle] = {}
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _rows(self, predictions: Predictions, seed: int, **keys) -> list[dict]:
+        return metric_rows(predictions, n_resamples=self.spec.bootstrap, bootstrap_seed=seed, seed=seed, **keys)
+
+    def _pooled(self, part: str, names: list[str] | None = None) -> StayTable:
+        names = names or list(self.sites)
+        return concat_tables([getattr(self.sites[n], part) for n in names], name=f"{self.table.name}-{part}")
+
+    def _score_everywhere(self, model: HyMaTE, normalizer, seed: int, protocol: str, strategy: str, train_sites: str) -> None:
+        max_events = self.spec.train.max_events
+        tests = {name: s.test for name, s in self.sites.items()} | {"pooled": self._pooled("test")}
+        for test_site, table in tests.items():
+            p = predict(model, normalizer, table, max_events, self.spec.train.device)
+            self.result.rows += self._rows(p, seed, protocol=protocol, strategy=strategy, train_sites=train_sites, test_site=test_site)
+
+    def _train_config(self, seed: int) -> TrainConfig:
+        return dataclasses.replace(self.spec.train, seed=seed)
+
+    # -- protocols ------------------------------------------------------------------
+
+    def centralized(self, seed: int) -> None:
+        result = train_centralized(self._pooled("train"), self._pooled("val"), {}, self.spec.model, self._train_config(seed))
+        self._score_everywhere(result.model, result.normalizer, seed, "centralized", "pooled", "all")
+        self._remember_importance(result.model, result.normalizer)
+
+    def local(self, seed: int) -> None:
+        for name in tqdm(self.sites, desc=f"local (seed {seed}): sites", unit="site"):
+            site = self.sites[name]
+            result = train_centralized(site.train, site.val, {}, self.spec.model, self._train_config(seed))
+            self._score_everywhere(result.model, result.normalizer, seed, "local", "local", name)
+
+    def federated(self, seed: int) -> None:
+        bundle = self._federate(seed, list(self.sites), f"federated-seed{seed}")
+        self._bundles[seed] = bundle
+        self._score_everywhere(bundle.build(), bundle.normalizer, seed, "federated", self.spec.strategy.name, "all")
+        self._remember_importance(bundle.build(), bundle.normalizer)
+
+    def loso(self, seed: int) -> None:
+        for held_out in self.sites:
+            others = [n for n in self.sites if n != held_out]
+            bundle = self._federate(seed, others, f"loso-{held_out}-seed{seed}")
+            p = predict(bundle.build(), bundle.normalizer, self.sites[held_out].test, self.spec.train.max_events)
+            self.result.rows += self._rows(
+                p, seed, protocol="loso", strategy=self.spec.strategy.name, train_sites=f"all-but-{held_out}", test_site=held_out
+            )
+
+    def personalized(self, seed: int) -> None:
+        bundle = self._bundles.get(seed) or self._federate(seed, list(self.sites), f"federated-seed{seed}")
+        self._bundles[seed] = bundle
+        config = dataclasses.replace(self._train_config(seed), epochs=self.spec.personalize_epochs, patience=self.spec.personalize_epochs)
+        for name, site in tqdm(self.sites.items(), desc=f"personalized (seed {seed}): sites", unit="site"):
+            torch.manual_seed(seed)
+            model = bundle.build()
+            train = make_loader_for(site.train, bundle, config, shuffle=True)
+            val = make_loader_for(site.val, bundle, config, shuffle=False)
+            fit(model, train, val, config, positive_class_weight(site.train.labels))
+            p = predict(model, bundle.normalizer, site.test, config.max_events, config.device)
+            self.result.rows += self._rows(
+                p, seed, protocol="personalized", strategy=self.spec.strategy.name, train_sites=f"all+{name}", test_site=name
+            )
+
+    # -- federation -----------------------------------------------------------------
+
+    def _federate(self, seed: int, names: list[str], label: str) -> ModelBundle:
+        spec = self.spec
+        run_config = {
+            "strategy": spec.strategy.name,
+            "strategy-options": spec.strategy.as_string(),
+            "num-server-rounds": spec.rounds,
+            "local-epochs": spec.local_epochs,
+            "batch-size": spec.train.batch_size,
+            "learning-rate": spec.train.learning_rate,
+            "weight-decay": spec.train.weight_decay,
+            "max-grad-norm": spec.train.max_grad_norm,
+            "max-events": spec.train.max_events,
+            "seed": seed,
+            "d-model": spec.model.d_model,
+            "mamba-layers": spec.model.n_mamba_layers,
+            "d-state": spec.model.d_state,
+            "attention-layers": spec.model.n_attention_layers,
+            "heads": spec.model.n_heads,
+            "dropout": spec.model.dropout,
+            "scan-backend": spec.model.scan_backend,
+        }
+        partitions = {n: [str(s) for s in self.table.stay_ids[self.site_rows[n]]] for n in names}
+        run_dir = spec.out / "runs" / label
+        with tqdm(total=spec.rounds, desc=f"{label}: rounds ({len(names)} sites)", unit="round") as bar:
+            runs = simulate_federation(
+                spec.dataset,
+                str(spec.data) if spec.data else None,
+                spec.dataset_options,
+                partitions,
+                run_config,
+                run_dir,
+                spec.engine,
+                split_seed=spec.split_seed,
+                on_progress=_progress(bar),
+            )
+        self.result.federated_runs[label] = runs.path
+        return ModelBundle.load(runs.path / "model.pt")
+
+    def _remember_importance(self, model: HyMaTE, normalizer) -> None:
+        scores = variable_importance(model, normalizer, self._pooled("test"), self.spec.train.max_events)
+        self.result.importance = dict(zip(self.table.variables, (float(x) for x in scores)))
+
+    def run(self) -> ExperimentResult:
+        order = [p for p in PROTOCOLS if p in self.spec.protocols]
+        for seed in self.spec.seeds:
+            for protocol in order:
+                log.info("protocol %s, seed %d", protocol, seed)
+                getattr(self, protocol)(seed)
+        return self.result
+
+
+def make_loader_for(table: StayTable, bundle: ModelBundle, config: TrainConfig, shuffle: bool) -> DataLoader:
+    return make_loader(StayDataset(table, bundle.normalizer, config.max_events), config.batch_size, shuffle, config.seed)
+
+
+def _progress(bar: tqdm) -> Callable[[list[int]], None]:
+    def update(done: list[int]) -> None:
+        if done and done[-1] > bar.n:
+            bar.update(done[-1] - bar.n)
+
+    return update
+
+
+def site_summary(experiment: Experiment) -> list[dict]:
+    """Per-site sizes and prevalence (what a reader needs to judge per-site metrics)."""
+    return [
+        {
+            "site": name,
+            "stays": len(s.train) + len(s.val) + len(s.test),
+            "train": len(s.train),
+            "val": len(s.val),
+            "test": len(s.test),
+            "prevalence": float(np.mean(np.concatenate([s.train.labels, s.val.labels, s.test.labels]))),
+        }
+        for name, s in experiment.sites.items()
     ]
-    write_csv(spec.out / "results.csv", pd.DataFrame(rows))
-    write_csv(spec.out / "history.csv", pd.DataFrame(result.fit.history))
-    overall = result.test["all"]
-    write_json(
-        spec.out / "metrics.json",
-        {"test_auroc": overall.auroc, "test_auprc": overall.auprc, "n_test": overall.n, "best_epoch": result.fit.best_epoch, "seconds": result.seconds},
-    )
-    write_json(spec.out / "config.json", {"spec": spec, "model_config": result.model.config})
-    torch.save({"state_dict": result.model.state_dict(), "config": result.model.config}, spec.out / "model.pt")
-    return (
-        f"{spec.protocol} on {spec.dataset}: test AUROC {overall.auroc:.4f}, AUPRC {overall.auprc:.4f} "
-        f"(n={overall.n}, best epoch {result.fit.best_epoch}, {result.seconds:.0f} s) -> {spec.out}"
-    )
