@@ -87,7 +87,7 @@ def simulate_federation(
     config_file.write_text(tomli_w.dumps(config))
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="hymate-ray-"))  # short: Ray's socket paths have a length limit
-    env = {"RAY_TMPDIR": str(ray_tmp)} | ({"RAY_ADDRESS": engine.ray_address} if engine.ray_address else {})
+    env = {"RAY_ADDRESS": engine.ray_address} if engine.ray_address else {"RAY_TMPDIR": str(ray_tmp)}
     superlink = SuperLink(run_dir / "superlink", "127.0.0.1", free_port(), tls=None, simulation=True, env=env)
     runs = RunDirectory(run_dir)
     try:
