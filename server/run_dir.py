@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from hymate.files import to_jsonable, write_json
+from hymate.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -132,5 +132,3 @@ def restore_strategy_state(strategy: object, state: dict[str, Any] | None) -> No
     if state is not None:
         vars(strategy).update(state)
 
-
-__all__ = ["RoundCheckpoint", "RunDirError", "RunDirectory", "restore_strategy_state", "strategy_state", "to_jsonable"]

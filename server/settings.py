@@ -56,7 +56,7 @@ class ServerSettings:
             kind = type(default)
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if kind is type(Path()):
+            if isinstance(default, Path):
                 return Path(str(value))
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise SettingsError(f"run config {key!r}={value!r} must be {kind.__name__}")
