@@ -48,3 +48,45 @@ def p12_root() -> Path:
     if root is None:
         pytest.skip(f"PhysioNet 2012 archive not found at {P12_ARCHIVE}")
     return root
+
+
+P19_ARCHIVE = REPO.parent / "shared/data/physionet2019.tar.gz"
+P19_UNPACKED = REPO / ".cache/data/physionet2019"
+
+
+def _unpack_archive(archive: Path, unpacked: Path) -> Path | None:
+    """Unpack ``archive`` (holding one top folder named like ``unpacked``) once, atomically.
+
+    The folder is renamed into place only when complete, so its existence means it is whole.
+    """
+    if unpacked.is_dir():
+        return unpacked
+    if not archive.is_file():
+        return None
+    unpacked.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=unpacked.parent))
+    try:
+        with tarfile.open(archive) as opened:
+            if hasattr(tarfile, "data_filter"):
+                opened.extractall(tmp, filter="data")
+            else:  # Python < 3.10.12 has no extraction filters
+                opened.extractall(tmp)  # noqa: S202 - our own archive
+        if not unpacked.exists():
+            os.replace(tmp / unpacked.name, unpacked)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return unpacked
+
+
+@pytest.fixture(scope="session")
+def p19_root() -> Path:
+    """The raw PhysioNet 2019 folder: $HYMATE_P19_DIR, else the unpacked shared archive."""
+    env = os.environ.get("HYMATE_P19_DIR")
+    if env:
+        if not Path(env).is_dir():
+            pytest.skip(f"HYMATE_P19_DIR={env} is not a folder")
+        return Path(env)
+    root = _unpack_archive(P19_ARCHIVE, P19_UNPACKED)
+    if root is None:
+        pytest.skip(f"PhysioNet 2019 archive not found at {P19_ARCHIVE}")
+    return root

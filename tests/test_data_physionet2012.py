@@ -234,7 +234,7 @@ def test_load_dataset_dispatch_and_cache(tmp_path):
     np.testing.assert_array_equal(again.values, first.values)
     assert summary.counts["stays_without_events"] == 1  # the summary survives the cache
     assert len(list((tmp_path / "cache").iterdir())) == 1
-    with pytest.raises(ValueError, match="valid names: physionet2012, synthetic"):
+    with pytest.raises(ValueError, match="valid names: eicu, mimic4, physionet2012, physionet2019, synthetic"):
         load_dataset("mimic3", root)
 
 

@@ -1,8 +1,8 @@
 """EHR data in one format: loaders, synthetic data, splits, cache, normalisation.
 
 ``load_dataset(name, root)`` is the one entry point the rest of the project uses. Each source
-is a module with a loader that reads the dataset's own layout; adding a source (PhysioNet
-2019, eICU, MIMIC-IV) means one module and one entry in ``DATASETS``.
+is a module with a loader that reads the dataset's own layout (physionet2012, physionet2019,
+eicu, mimic4); adding a source means one module and one entry in ``DATASETS``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .cache import cached, fingerprint, load_table, save_table
+from .eicu import EICU_STATIC, EICU_VARIABLES, EicuOptions, eicu_sites, load_eicu
+from .mimic4 import MIMIC4_STATIC, MIMIC4_VARIABLES, Mimic4Options, load_mimic4, mimic4_sites
 from .normalization import MomentSums, Normalizer
 from .physionet2012 import (
     ICU_SITES,
@@ -22,6 +24,13 @@ from .physionet2012 import (
     load_physionet2012,
     load_physionet2012_by_set,
     table_name,
+)
+from .physionet2019 import (
+    PHYSIONET2019_SETS,
+    PHYSIONET2019_STATIC,
+    PHYSIONET2019_VARIABLES,
+    SepsisTask,
+    load_physionet2019,
 )
 from .splits import Split, split_stays
 from .stays import (
@@ -73,10 +82,40 @@ def _physionet2012(
     return cached(lambda raw, s: load_physionet2012(raw, sets, s), root, cache_dir, key, summary)
 
 
+def _physionet2019(root: Path | None, cache_dir: Path | None, summary: LoadSummary, **options: Any) -> StayTable:
+    """Options: SepsisTask fields (observation_hours, gap_hours, sets). Cached per task."""
+    root = Path(root) if root is not None else DEFAULT_RAW_DIR / "physionet2019"
+    key = SepsisTask(**options).cache_key
+    if cache_dir is None:
+        return load_physionet2019(root, summary, **options)
+    return cached(lambda raw, s: load_physionet2019(raw, s, **options), root, cache_dir, key, summary)
+
+
+def _eicu(root: Path | None, cache_dir: Path | None, summary: LoadSummary, **options: Any) -> StayTable:
+    """Options: EicuOptions fields (observation_hours, min_stay_hours, sites, ...). Cached per choice."""
+    root = Path(root) if root is not None else DEFAULT_RAW_DIR / "eicu"
+    key = EicuOptions(**options).cache_key
+    if cache_dir is None:
+        return load_eicu(root, summary, **options)
+    return cached(lambda raw, s: load_eicu(raw, s, **options), root, cache_dir, key, summary)
+
+
+def _mimic4(root: Path | None, cache_dir: Path | None, summary: LoadSummary, **options: Any) -> StayTable:
+    """Options: Mimic4Options fields (observation_hours, min_stay_hours, sites, ...). Cached per choice."""
+    root = Path(root) if root is not None else DEFAULT_RAW_DIR / "mimic4"
+    key = Mimic4Options(**options).cache_key
+    if cache_dir is None:
+        return load_mimic4(root, summary, **options)
+    return cached(lambda raw, s: load_mimic4(raw, s, **options), root, cache_dir, key, summary)
+
+
 # name -> loader(root, cache_dir or None for no cache, summary, **options)
 DATASETS: dict[str, Callable[..., StayTable]] = {
     "synthetic": _synthetic,
     "physionet2012": _physionet2012,
+    "physionet2019": _physionet2019,
+    "eicu": _eicu,
+    "mimic4": _mimic4,
 }
 
 
@@ -112,29 +151,44 @@ def load_dataset(
 __all__ = [
     "DATASETS",
     "DEFAULT_CACHE_DIR",
+    "EICU_STATIC",
+    "EICU_VARIABLES",
     "ICU_SITES",
+    "MIMIC4_STATIC",
+    "MIMIC4_VARIABLES",
     "PADDING_VARIABLE_ID",
     "PHYSIONET2012_SETS",
     "PHYSIONET2012_STATIC",
     "PHYSIONET2012_VARIABLES",
+    "PHYSIONET2019_SETS",
+    "PHYSIONET2019_STATIC",
+    "PHYSIONET2019_VARIABLES",
     "SYNTHETIC_STATIC",
     "SYNTHETIC_VARIABLES",
     "DataError",
+    "EicuOptions",
     "LoadSummary",
+    "Mimic4Options",
     "MomentSums",
     "Normalizer",
+    "SepsisTask",
     "Split",
     "StayRecord",
     "StayTable",
     "SyntheticConfig",
     "cached",
     "concat_tables",
+    "eicu_sites",
     "fingerprint",
     "load_dataset",
+    "load_eicu",
+    "load_mimic4",
     "load_physionet2012",
     "load_physionet2012_by_set",
+    "load_physionet2019",
     "load_table",
     "make_synthetic",
+    "mimic4_sites",
     "save_table",
     "site_profiles",
     "split_stays",

@@ -8,14 +8,15 @@ million rows). Their loaders share three needs, met here once:
   case-insensitively, since copies differ: ``vitalPeriodic.csv.gz`` vs ``vitalperiodic.csv``),
   or a DataError naming what was looked for.
 - :func:`read_table` / :func:`iter_chunks`: only the needed columns, with declared kinds
-  (integer id, number, text), in chunks of ``chunk_rows`` rows so memory stays bounded;
+  (integer, number, text), in chunks of ``chunk_rows`` rows so memory stays bounded;
   a missing column raises a DataError naming the file and the column, and a malformed value
   one naming the file, line and column (found by a slow second pass, only on failure).
 - :func:`pack_events`: long-format events (stay index, time, variable id, value) into a
   :class:`StayTable`, time-sorted within each stay.
 
 Line numbers assume one line per row (true of both databases' exports): row ``i`` (0-based)
-of a table is line ``i + 2`` of its file.
+of a table is line ``i + 2`` of its file. Frames keep the reader's index, which is that row
+number (pandas continues it across chunks).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ from .stays import DataError, StayTable
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["id", "number", "text"]
-_PANDAS_DTYPE: dict[str, object] = {"id": "int64", "number": "float64", "text": object}
+Kind = Literal["integer", "number", "text"]
+_PANDAS_DTYPE: dict[str, object] = {"integer": "int64", "number": "float64", "text": object}
 _INTEGER = re.compile(r"\s*[-+]?\d+\s*")
+MISSING = ["", "NaN", "nan", "NULL"]  # how exports write a missing cell (real ones: empty)
 DEFAULT_CHUNK_ROWS = 1_000_000
+_PROGRESS_ROWS = 10_000_000  # log progress through the big tables every this many rows
 
 
 def find_table(folder: Path, name: str) -> Path:
@@ -76,34 +79,34 @@ def _locate_bad_value(path: Path, kinds: Mapping[str, Kind], chunk_rows: int) ->
     checked = [c for c, k in kinds.items() if k != "text"]
     line = 2
     reader = pd.read_csv(
-        path, usecols=checked, dtype=object, keep_default_na=False, na_values=[""], chunksize=chunk_rows
+        path, usecols=checked, dtype=object, keep_default_na=False, na_values=MISSING, chunksize=chunk_rows
     )
     for chunk in reader:
         for column in checked:
             values = chunk[column]
-            if kinds[column] == "id":
+            if kinds[column] == "integer":
                 ok = values.map(lambda v: isinstance(v, str) and bool(_INTEGER.fullmatch(v)))
             else:
-                ok = values.isna() | pd.to_numeric(values, errors="coerce").notna() | values.isin(["NaN", "nan"])
+                numbers = pd.to_numeric(values, errors="coerce")
+                ok = values.isna() | (numbers.notna() & np.isfinite(numbers.fillna(0.0)))
             bad = np.flatnonzero(~ok.to_numpy(dtype=bool))
             if len(bad):
                 i = int(bad[0])
                 text = values.iloc[i]
-                what = "is missing" if not isinstance(text, str) else f"{text!r} is not an integer id"
+                what = "is missing" if not isinstance(text, str) else f"{text!r} is not an integer"
                 if kinds[column] == "number":
-                    what = f"{text!r} is not a number"
+                    what = f"{text!r} is not a (finite) number"
                 return DataError(f"{path}:{line + i}: column {column} value {what}")
         line += len(chunk)
     return None
 
 
-def iter_chunks(
-    path: Path, kinds: Mapping[str, Kind], chunk_rows: int = DEFAULT_CHUNK_ROWS
-) -> Iterator[pd.DataFrame]:
-    """The ``kinds`` columns of ``path`` in chunks; ids int64, numbers float64, text object.
+def iter_chunks(path: Path, kinds: Mapping[str, Kind], chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """The ``kinds`` columns of ``path`` in chunks: integers int64, numbers float64, text object.
 
-    Empty cells are NaN (numbers) or NaN (text); an empty or non-integer id, or a number
-    cell that is not a number, raises a DataError naming file, line and column.
+    Empty cells (or ``NaN``, ``NULL``) are NaN in numbers and text; an empty or malformed
+    integer (ids, offsets), or a number cell that is not a finite number, raises a DataError
+    naming file, line and column.
     """
     require_columns(path, list(kinds))
     reader = pd.read_csv(
@@ -111,18 +114,26 @@ def iter_chunks(
         usecols=list(kinds),
         dtype={c: _PANDAS_DTYPE[k] for c, k in kinds.items()},
         keep_default_na=False,
-        na_values=[""],
+        na_values=MISSING,
         chunksize=chunk_rows,
     )
+    numbers = [c for c, k in kinds.items() if k == "number"]
+    rows = 0
     with reader:
         while True:
             try:
                 chunk = next(reader)
             except StopIteration:
+                logger.info("%s: read %d rows", path, rows)
                 return
             except (ValueError, TypeError, OverflowError) as exc:
                 located = _locate_bad_value(path, kinds, chunk_rows)
                 raise located or DataError(f"{path}: unparseable values ({exc})") from exc
+            if numbers and np.isinf(chunk[numbers].to_numpy(dtype=float)).any():
+                raise _locate_bad_value(path, kinds, chunk_rows) or DataError(f"{path}: infinite values")
+            rows += len(chunk)
+            if rows // _PROGRESS_ROWS > (rows - len(chunk)) // _PROGRESS_ROWS:
+                logger.info("%s: %d rows so far", path, rows)
             yield chunk
 
 
@@ -134,14 +145,18 @@ def read_table(path: Path, kinds: Mapping[str, Kind], chunk_rows: int = DEFAULT_
     return pd.concat(chunks, ignore_index=True)
 
 
-def parse_times(path: Path, column: str, values: pd.Series, row_offset: int = 0) -> pd.Series:
-    """'YYYY-MM-DD HH:MM:SS' text -> datetime64; a malformed or missing one raises a DataError."""
+def parse_times(path: Path, column: str, values: pd.Series) -> pd.Series:
+    """'YYYY-MM-DD HH:MM:SS' text -> datetime64; a malformed or missing one raises a DataError.
+
+    ``values`` keeps the index the reader gave it (the row number in the file, also across
+    chunks), so the error names the right line even after rows were filtered out.
+    """
     times = pd.to_datetime(values, format="%Y-%m-%d %H:%M:%S", errors="coerce")
     bad = np.flatnonzero(times.isna().to_numpy())
     if len(bad):
         i = int(bad[0])
         raise DataError(
-            f"{path}:{row_offset + i + 2}: column {column} value {values.iloc[i]!r} "
+            f"{path}:{values.index[i] + 2}: column {column} value {values.iloc[i]!r} "
             "is not a time 'YYYY-MM-DD HH:MM:SS'"
         )
     return times
@@ -191,10 +206,13 @@ def pack_events(
 
 
 def check_sites(requested: Sequence[str] | None, present: Sequence[str], what: str, path: Path) -> None:
-    """Raise a DataError naming requested sites that ``path`` does not hold, listing the valid ones."""
+    """Raise a DataError naming requested sites that ``path`` does not hold, listing the valid ones.
+
+    ``present`` is listed in the order given (callers sort it the natural way for their ids).
+    """
     if requested is None:
         return
     unknown = [s for s in requested if s not in set(present)]
     if unknown:
-        shown = ", ".join(sorted(present)[:40]) + (f", ... ({len(present)} in all)" if len(present) > 40 else "")
+        shown = ", ".join(list(present)[:40]) + (f", ... ({len(present)} in all)" if len(present) > 40 else "")
         raise DataError(f"{path}: unknown {what} {', '.join(map(repr, unknown))}; valid: {shown}")
