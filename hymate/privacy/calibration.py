@@ -94,8 +94,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     tolerance = min(0.01, 0.002 * target_epsilon)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the")
-        return float(
-            get_noise_multiplier(
+        try:
+            sigma = get_noise_multiplier(
                 target_epsilon=target_epsilon,
                 target_delta=delta,
                 sample_rate=sample_rate,
@@ -103,7 +103,12 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
                 accountant=accountant,
                 epsilon_tolerance=tolerance,
             )
-        )
+        except ValueError as e:
+            raise ValueError(
+                f"no noise multiplier reaches epsilon {target_epsilon:g} (delta {delta:g}) over {steps} steps at "
+                f"sample rate {sample_rate:.4g} ({e}); raise the target or plan fewer rounds, epochs or a smaller batch"
+            ) from e
+    return float(sigma)
 
 
 def plan_round(config: DPConfig, n_train: int, batch_size: int, local_epochs: int) -> RoundPlan:

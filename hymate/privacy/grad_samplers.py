@@ -10,7 +10,13 @@ own backward ran). Two samplers are added here:
   fallback cannot vmap (the fused scan's autograd Function has no vmap rule, and the
   fallback passes the module only its first input). The scan backends already compute the
   gradient of A and D sample by sample before summing them, and hand those to a
-  ``ScanGradSink``; the sampler just reads it, so DP costs no second scan.
+  ``ScanGradSink``; the sampler just reads it, so DP costs no second scan. Opacus calls it
+  from the module's full backward hook, i.e. once the gradients of the scan's inputs exist:
+  after the ``cpu`` scan's backward (which fills the sink) and, for the ``torch`` scan,
+  after the hooks on its per-sample copies of A and D (created later in the forward, so
+  autograd runs them first). The scan clears the sink at every forward and the sampler
+  after every read, and raises ``GradSinkNotFilledError`` rather than use a stale or
+  missing value (e.g. under the ``cuda`` backend, which has no per-sample gradients).
 - ``nn.Conv1d``, depthwise case only: Opacus's Conv1d sampler unfolds the input over all
   channels and contracts with an einsum over (out channels x in channels x kernel), then keeps
   the diagonal of groups; for a depthwise conv (groups == channels) that is ``channels``
@@ -64,7 +70,9 @@ def detach_grad_sinks(model: nn.Module) -> None:
 
 
 @register_grad_sampler(SelectiveSSM)
-def selective_ssm_grad_sample(layer: SelectiveSSM, activations: list[Tensor], backprops: Tensor) -> dict[nn.Parameter, Tensor]:
+def selective_ssm_grad_sample(
+    layer: SelectiveSSM, activations: list[Tensor], backprops: Tensor
+) -> dict[nn.Parameter, Tensor]:
     """Per-sample gradients of ``A_log`` and ``D`` from the scan's ``ScanGradSink``.
 
     ``A = -exp(A_log)``, so ``dL/dA_log = dL/dA * A`` elementwise, sample by sample.
@@ -112,12 +120,13 @@ def conv1d_grad_sample(layer: nn.Conv1d, activations: list[Tensor], backprops: T
     x = activations[0]
     if not _is_depthwise(layer) or x.shape[0] == 0:
         return compute_conv_grad_sample(layer, activations, backprops)
-    x = x.to(backprops.dtype)
     pad, dilation, k = layer.padding[0], layer.dilation[0], layer.kernel_size[0]
-    x = nn.functional.pad(x, (pad, pad))
+    x = nn.functional.pad(x.to(backprops.dtype), (pad, pad))
     out_len = backprops.shape[-1]
     grads: dict[nn.Parameter, Tensor] = {}
     if layer.weight.requires_grad:
+        # One multiply-and-sum per tap. (An einsum over an unfold() view was no faster, and
+        # for some input strides fell back to a loop over the n * C matrices: 10x slower.)
         taps = [(backprops * x[..., j * dilation : j * dilation + out_len]).sum(-1) for j in range(k)]
         grads[layer.weight] = torch.stack(taps, dim=-1).unsqueeze(2)  # (n, C, 1, k)
     if layer.bias is not None and layer.bias.requires_grad:

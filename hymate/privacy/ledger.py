@@ -15,9 +15,11 @@ fails closed:
   round log that does not add up to the history, a stored epsilon the history does not
   give) raises ``LedgerError`` naming the file and the problem. Nothing ever starts a
   fresh budget silently.
-- ``privacy/STARTED`` is written beside the ledger when it is created and records its target:
-  a ledger that disappears while the marker remains is an error (restore it from backup),
-  and so is a ledger whose target differs from the marker's.
+- ``privacy/STARTED`` is written beside the ledger when it is created and records its target
+  and (after each round) how many rounds the ledger held: a ledger that disappears while
+  the marker remains is an error (restore it from backup), and so is one whose target
+  differs from the marker's or that holds fewer rounds than the marker saw (rolled back or
+  replaced). Deleting both files is the one reset nothing local can detect.
 - Opening with another target, delta or accountant than the ledger's raises
   ``LedgerMismatchError``: a site cannot change its budget by changing a flag.
 """
@@ -25,6 +27,7 @@ fails closed:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -103,7 +106,9 @@ def compose_epsilon(history: Sequence[HistoryEntry], delta: float, accountant: s
         return float(acc.get_epsilon(delta=delta))
 
 
-def append_steps(history: Sequence[HistoryEntry], noise_multiplier: float, sample_rate: float, steps: int) -> list[HistoryEntry]:
+def append_steps(
+    history: Sequence[HistoryEntry], noise_multiplier: float, sample_rate: float, steps: int
+) -> list[HistoryEntry]:
     """``history`` plus ``steps`` steps, merged into the last entry when its settings are equal.
 
     The same merge Opacus's optimizer hook does step by step, so a ledger history and the
@@ -244,9 +249,8 @@ class _Reader:
         if not isinstance(doc, dict):
             raise self.fail("must hold a JSON object")
         if doc.get("format") != LEDGER_FORMAT or doc.get("version") != LEDGER_VERSION:
-            raise self.fail(
-                f"is not a {LEDGER_FORMAT} v{LEDGER_VERSION} file (format {doc.get('format')!r}, version {doc.get('version')!r})"
-            )
+            found = f"format {doc.get('format')!r}, version {doc.get('version')!r}"
+            raise self.fail(f"is not a {LEDGER_FORMAT} v{LEDGER_VERSION} file ({found})")
         target = self.number(doc, "target_epsilon", "", positive=True)
         delta = self.number(doc, "delta", "", positive=True)
         if delta >= 1:
@@ -258,7 +262,8 @@ class _Reader:
         if not isinstance(state, dict) or not isinstance(state.get("history"), list):
             raise self.fail("accountant_state.history is missing or not a list")
         if state.get("mechanism") != accountant:
-            raise self.fail(f"accountant_state.mechanism {state.get('mechanism')!r} differs from accountant {accountant!r}")
+            mechanism = state.get("mechanism")
+            raise self.fail(f"accountant_state.mechanism {mechanism!r} differs from accountant {accountant!r}")
         history = tuple(self.history_entry(e, i) for i, e in enumerate(state["history"]))
         rounds_raw, refusals_raw = doc.get("rounds"), doc.get("refusals")
         if not isinstance(rounds_raw, list) or not isinstance(refusals_raw, list):
@@ -277,7 +282,8 @@ class _Reader:
         if not math.isclose(spent, recomputed, rel_tol=_EPSILON_RTOL, abs_tol=1e-12):
             raise self.fail(f"stored epsilon_spent {spent!r} does not match its history's epsilon {recomputed!r}")
         if rounds and not math.isclose(rounds[-1].epsilon_after, spent, rel_tol=_EPSILON_RTOL, abs_tol=1e-12):
-            raise self.fail(f"the last round's epsilon_after {rounds[-1].epsilon_after!r} differs from epsilon_spent {spent!r}")
+            last = rounds[-1].epsilon_after
+            raise self.fail(f"the last round's epsilon_after {last!r} differs from epsilon_spent {spent!r}")
         return _State(target, delta, accountant, history, spent, rounds, refusals, self.text(doc, "created_at", ""))
 
 
@@ -322,7 +328,8 @@ class PrivacyLedger:
                 state = _State(float(target_epsilon), float(delta), accountant, (), 0.0, (), (), _now())
                 atomic_write_text(path, state.to_json())
                 cls._write_marker(marker, state)
-                log.info("privacy ledger created at %s: epsilon %g, delta %g, %s", path, target_epsilon, delta, accountant)
+                log.info("privacy ledger created at %s: epsilon %g, delta %g, %s", path, target_epsilon, delta,
+                         accountant)  # fmt: skip
         ledger = cls(directory, state)
         asked = {"target_epsilon": float(target_epsilon), "delta": float(delta), "accountant": accountant}
         held = {"target_epsilon": state.target_epsilon, "delta": state.delta, "accountant": state.accountant}
@@ -336,8 +343,9 @@ class PrivacyLedger:
 
     @staticmethod
     def _write_marker(marker: Path, state: _State) -> None:
+        """The budget, and a high-water mark of rounds trained (rewritten after every round)."""
         body = {"target_epsilon": state.target_epsilon, "delta": state.delta, "accountant": state.accountant,
-                "created_at": state.created_at}  # fmt: skip
+                "created_at": state.created_at, "rounds_trained": len(state.rounds)}  # fmt: skip
         atomic_write_text(marker, json.dumps(body, indent=2) + "\n")
 
     @classmethod
@@ -349,6 +357,7 @@ class PrivacyLedger:
         try:
             body = json.loads(marker.read_text())
             held = (float(body["target_epsilon"]), float(body["delta"]), body["accountant"])
+            rounds = int(body.get("rounds_trained", 0))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise LedgerError(path, f"its marker {marker} is unreadable ({e})") from e
         if held != (state.target_epsilon, state.delta, state.accountant):
@@ -356,6 +365,12 @@ class PrivacyLedger:
                 path,
                 f"its budget (epsilon {state.target_epsilon}, delta {state.delta}, {state.accountant}) differs from "
                 f"the one {marker} recorded at creation (epsilon {held[0]}, delta {held[1]}, {held[2]})",
+            )
+        if len(state.rounds) < rounds:
+            raise LedgerError(
+                path,
+                f"holds {len(state.rounds)} trained rounds, but {marker} saw {rounds}: the ledger was rolled back "
+                "or replaced, and would under-report the privacy spent",
             )
 
     # -- reading -----------------------------------------------------------------------
@@ -406,7 +421,8 @@ class PrivacyLedger:
     def cost_if(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Epsilon spent after hypothetically adding ``steps`` steps with these settings."""
         _check_settings(noise_multiplier, sample_rate, steps)
-        return compose_epsilon(append_steps(self.history, noise_multiplier, sample_rate, steps), self.delta, self.accountant)
+        history = append_steps(self.history, noise_multiplier, sample_rate, steps)
+        return compose_epsilon(history, self.delta, self.accountant)
 
     def can_afford(self, noise_multiplier: float, sample_rate: float, steps: int) -> bool:
         return self.cost_if(noise_multiplier, sample_rate, steps) <= self.target_epsilon
@@ -423,24 +439,29 @@ class PrivacyLedger:
             history = append_steps(self.history, noise_multiplier, sample_rate, steps)
             spent = compose_epsilon(history, self.delta, self.accountant)
             entry = RoundRecord(float(noise_multiplier), float(sample_rate), int(steps), spent, _now(), label)
-            self._save(
-                _State(self.target_epsilon, self.delta, self.accountant, tuple(history), spent,
-                       (*self._state.rounds, entry), self._state.refusals, self._state.created_at)
-            )  # fmt: skip
-        log.info("privacy ledger: round %d recorded, epsilon %.4f of %g spent", self.rounds_trained, spent, self.target_epsilon)
+            rounds = (*self._state.rounds, entry)
+            self._save(self._replace(history=tuple(history), epsilon_spent=spent, rounds=rounds))
+            self._write_marker(self.directory / MARKER_FILE, self._state)
+        log.info("privacy ledger %s: round %d recorded, epsilon %.4f of %g spent", self.path, self.rounds_trained,
+                 spent, self.target_epsilon)  # fmt: skip
         return spent
 
     def record_refusal(
-        self, reason: str, noise_multiplier: float, sample_rate: float, steps: int, epsilon_if_trained: float, label: str = ""
+        self,
+        reason: str,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        epsilon_if_trained: float,
+        label: str = "",
     ) -> Refusal:
         """Log a round the site declined to train (and why) and save."""
-        refusal = Refusal(_now(), reason, self.epsilon_spent, float(epsilon_if_trained), float(noise_multiplier),
-                          float(sample_rate), int(steps), label)  # fmt: skip
+        refusal = Refusal(
+            _now(), reason, self.epsilon_spent, float(epsilon_if_trained),
+            float(noise_multiplier), float(sample_rate), int(steps), label,
+        )  # fmt: skip
         with self._locked_current():
-            self._save(
-                _State(self.target_epsilon, self.delta, self.accountant, self.history, self.epsilon_spent,
-                       self._state.rounds, (*self._state.refusals, refusal), self._state.created_at)
-            )  # fmt: skip
+            self._save(self._replace(refusals=(*self._state.refusals, refusal)))
         return refusal
 
     @contextlib.contextmanager
@@ -451,8 +472,11 @@ class PrivacyLedger:
                 raise LedgerError(self.path, "disappeared while in use")
             on_disk = _Reader(self.path).read()
             if (on_disk.history, on_disk.rounds, on_disk.refusals) != (self.history, self.rounds, self.refusals):
-                raise LedgerError(self.path, "changed on disk since it was opened (another process training this site?)")
+                raise LedgerError(self.path, "changed on disk since it was opened (another process training the site?)")
             yield
+
+    def _replace(self, **changes: Any) -> _State:
+        return dataclasses.replace(self._state, **changes)
 
     def _save(self, state: _State) -> None:
         atomic_write_text(self.path, state.to_json())
