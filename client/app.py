@@ -28,6 +28,7 @@ from client.site import LocalData, SiteConfigError, SiteSettings, open_site
 from client.training import ModelMismatchError, evaluate_locally, train_locally
 from hymate.data import DataError, MomentSums
 from hymate.local_plan import LocalPlan, PlanError
+from hymate.privacy import LedgerError, PrivacyBudgetExhausted
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def reported_safely(handler: Callable[[Message, Context], Message]) -> Callable[
     def wrapped(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
-        except (PlanError, ModelMismatchError):
+        except (PlanError, ModelMismatchError, LedgerError):
             raise
         except (DataError, SiteConfigError, OSError) as e:
             log.error("site failed in %s: %s", handler.__name__, e)
@@ -102,18 +103,27 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     plan = LocalPlan.from_record(config)
     started = time.perf_counter()
-    outcome = train_locally(
-        plan,
-        data,
-        _from_record(msg.content["arrays"]),
-        server_round=int(config.get("server-round", 0)),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-    )
+    try:
+        outcome = train_locally(
+            plan,
+            data,
+            _from_record(msg.content["arrays"]),
+            server_round=int(config.get("server-round", 0)),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+        )
+    except PrivacyBudgetExhausted as e:
+        # A refusal is an answer, not a failure: the coordinator logs why and goes on without us.
+        refusal = {"reason": e.reason, "dp-epsilon": e.epsilon_spent, "dp-target-epsilon": e.target_epsilon}
+        return Message(RecordDict({"refused": ConfigRecord(refusal), "site": _site_record(data)}), reply_to=msg)
     metrics = MetricRecord(
         {"num-examples": outcome.num_examples, "train_loss": outcome.train_loss, "seconds": time.perf_counter() - started}
     )
-    content = RecordDict({"arrays": _to_record(outcome.weights), "metrics": metrics, "site": _site_record(data)})
-    return Message(content, reply_to=msg)
+    content = {"arrays": _to_record(outcome.weights), "metrics": metrics, "site": _site_record(data)}
+    if outcome.privacy is not None:
+        # A ConfigRecord: DP and non-DP sites may differ here without breaking the strategy's
+        # check that all MetricRecords share their keys.
+        content["privacy"] = ConfigRecord(outcome.privacy)
+    return Message(RecordDict(content), reply_to=msg)
 
 @app.evaluate()
 @reported_safely

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from client.site import SiteConfigError, SiteSettings, open_site
 from hymate.data import DataError
+from hymate.privacy import LedgerError, PrivacyLedger
 from hymate.processes import free_port, start_child, stop_child
 
 log = logging.getLogger("hymate-client")
@@ -40,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root-cert", type=Path, help="CA certificate that signed the coordinator's certificate")
     p.add_argument("--auth-key", type=Path, help="this site's private key (its .pub is registered by the coordinator)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    dp = p.add_argument_group("differential privacy (the site's own budget)")
+    dp.add_argument("--epsilon", type=float, help="privacy budget over the site's whole life; enables DP-SGD")
+    dp.add_argument("--delta", type=float, help="delta of (epsilon, delta)-DP (default 1e-5)")
+    dp.add_argument("--max-grad-norm", type=float, help="per-sample gradient clipping bound (default 1.0)")
+    dp.add_argument("--dp-accountant", choices=("rdp", "prv"), help="privacy accountant (default rdp)")
+    dp.add_argument("--dp-planned-rounds", type=int, help="rounds to calibrate noise for (default: the coordinator's plan)")
     p.add_argument("--insecure", action="store_true", help="no TLS (never with patient data)")
     p.add_argument("--max-restarts", type=int, help="stop after restarting the SuperNode this often (default: never stop)")
     p.add_argument("--clientappio-port", type=int, help="local port for the SuperNode's ClientApp API (default: a free one)")
@@ -66,7 +73,8 @@ def merged_options(args: argparse.Namespace) -> dict:
 def site_config(options: dict) -> dict[str, str]:
     """The site's settings as node-config keys (paths made absolute: the SuperNode runs elsewhere)."""
     config = {}
-    for option in ("dataset", "data", "site", "name", "state_dir", "device"):
+    for option in ("dataset", "data", "site", "name", "state_dir", "device",
+                   "epsilon", "delta", "max_grad_norm", "dp_accountant", "dp_planned_rounds"):
         value = options.get(option)
         if value is not None:
             config[option.replace("_", "-")] = str(Path(value).resolve()) if option in ("data", "state_dir") else str(value)
@@ -88,6 +96,10 @@ def run(options: dict) -> int:
     config = site_config(options)
     settings = SiteSettings.from_node_config(config)
     data = open_site(settings)  # fail now, with the file's name, rather than in round 1
+    dp = settings.privacy(planned_rounds=1)
+    if dp is not None:  # a tampered or missing ledger stops the site here, before it connects
+        ledger = PrivacyLedger.open(settings.state_dir, dp.target_epsilon, dp.delta, dp.accountant)
+        print(f"privacy: epsilon {ledger.epsilon_spent:.4f} of {dp.target_epsilon:g} spent over {ledger.rounds_trained} round(s)")
     print(f"site {settings.display_name}: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test stays")
 
     state_dir = settings.state_dir
@@ -141,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("hymate-client").setLevel(logging.INFO)
     try:
         return run(merged_options(args))
-    except (SiteConfigError, DataError, ValueError, OSError) as e:
+    except (SiteConfigError, DataError, LedgerError, ValueError, OSError) as e:
         print(f"hymate-client: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

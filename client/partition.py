@@ -37,6 +37,7 @@ class SimulationManifest:
     partitions: list[Partition]
     split_seed: int = 0
     dataset_options: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)  # SiteSettings DP fields every virtual site gets
 
     def save(self, path: Path) -> None:
         atomic_write_text(Path(path), json.dumps(asdict(self)))
@@ -72,6 +73,7 @@ def open_partition(manifest_path: str, partition_id: int) -> LocalData:
         data=Path(manifest.data) if manifest.data else None,
         name=partition.name,
         split_seed=manifest.split_seed,
+        **manifest.privacy,
     )
     train, val, test = split_stays(sub, seed=manifest.split_seed).tables(sub)
     return LocalData(settings, train, val, test, LoadSummary(source=manifest.dataset, stays=len(sub)))

@@ -18,6 +18,7 @@ import numpy as np
 
 from hymate.data import DataError, LoadSummary, load_dataset, split_stays
 from hymate.data.stays import StayTable
+from hymate.privacy.calibration import DPConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,24 @@ class SiteSettings:
     device: str = "auto"
     split_seed: int = 0
     name: str | None = None  # how the coordinator's reports name this site
+    # Differential privacy: the site's own budget, never the coordinator's to set.
+    epsilon: float | None = None  # None: train without DP
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    dp_accountant: str = "rdp"
+    dp_planned_rounds: int | None = None  # rounds the noise is calibrated for (default: the coordinator's plan)
+
+    def privacy(self, planned_rounds: int) -> DPConfig | None:
+        """The site's DP settings for a federation planned to last ``planned_rounds`` rounds."""
+        if self.epsilon is None:
+            return None
+        return DPConfig(
+            target_epsilon=self.epsilon,
+            delta=self.delta,
+            max_grad_norm=self.max_grad_norm,
+            accountant=self.dp_accountant,
+            planned_rounds=self.dp_planned_rounds or planned_rounds,
+        )
 
     @classmethod
     def from_node_config(cls, config: Mapping[str, Any]) -> SiteSettings:
@@ -59,6 +78,11 @@ class SiteSettings:
             device=get("device", str, "auto"),
             split_seed=get("split-seed", int, 0),
             name=get("name", str),
+            epsilon=get("epsilon", float),
+            delta=get("delta", float, 1e-5),
+            max_grad_norm=get("max-grad-norm", float, 1.0),
+            dp_accountant=get("dp-accountant", str, "rdp"),
+            dp_planned_rounds=get("dp-planned-rounds", int),
         )
 
     @property

@@ -19,6 +19,7 @@ from client.site import LocalData
 from hymate.data.batches import StayDataset, make_loader
 from hymate.local_plan import LocalPlan
 from hymate.model import HyMaTE
+from hymate.privacy import PrivacyLedger, plan_round, train_private_round
 from hymate.train import (
     ProximalTerm,
     TrainConfig,
@@ -80,6 +81,7 @@ class TrainOutcome:
     weights: dict[str, np.ndarray]
     num_examples: int
     train_loss: float
+    privacy: dict[str, float] | None = None  # the site's DP spend after this round (DP sites only)
 
 
 def train_locally(
@@ -87,7 +89,9 @@ def train_locally(
 ) -> TrainOutcome:
     """``plan.local_epochs`` epochs of AdamW on the site's training stays, from the global weights.
 
-    ``proximal_mu`` > 0 adds FedProx's proximal term (the coordinator's FedProx sends it).
+    ``proximal_mu`` > 0 adds FedProx's proximal term (the coordinator's FedProx sends it). A
+    site with a privacy budget trains with DP-SGD and may refuse the round
+    (``PrivacyBudgetExhausted``) before touching its data.
     """
     config = _train_config(plan, data)
     seed = plan.seed + 1000 * server_round + zlib.crc32(data.settings.display_name.encode()) % 1000
@@ -96,10 +100,20 @@ def train_locally(
     load_checked(model, arrays)
     device = select_device(config.device)
     model.to(device)
-    loader = make_loader(StayDataset(data.train, plan.normalizer, config.max_events), config.batch_size, True, seed)
+    dataset = StayDataset(data.train, plan.normalizer, config.max_events)
     optimizer = make_optimizer(model, config)
     proximal = ProximalTerm.at(model, proximal_mu) if proximal_mu > 0 else None
     pos_weight = positive_class_weight(data.train.labels)
+    dp = data.settings.privacy(plan.planned_rounds)
+    if dp is not None:
+        ledger = PrivacyLedger.open(data.settings.state_dir, dp.target_epsilon, dp.delta, dp.accountant)
+        round_plan = plan_round(dp, len(dataset), config.batch_size, config.epochs)
+        result = train_private_round(
+            model, dataset, optimizer, round_plan, dp, ledger,
+            device=device, pos_weight=pos_weight, proximal=proximal, label=f"server round {server_round}",
+        )
+        return TrainOutcome(weights_of(model.cpu()), len(data.train), result.train_loss, result.metrics())
+    loader = make_loader(dataset, config.batch_size, True, seed)
     losses = [
         train_epoch(model, loader, optimizer, device, pos_weight, config.max_grad_norm, proximal)
         for _ in range(config.epochs)

@@ -91,6 +91,21 @@ def per_site(replies: Iterable[Message]) -> dict[str, dict[str, float]]:
     }
 
 
+def privacy_reports(replies: Iterable[Message]) -> dict[str, dict[str, float]]:
+    """Each DP site's reported spend (trained or refused): aggregate numbers only."""
+    reports = {}
+    for m in replies:
+        if m.has_error():
+            continue
+        for record in ("privacy", "refused"):
+            if record in m.content.config_records:
+                values = m.content[record]
+                reports[site_of(m, f"node-{m.metadata.src_node_id}")] = {
+                    k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
+    return reports
+
+
 class Federation:
     """One federated run of HyMaTE over the sites connected to ``grid``."""
 
@@ -164,8 +179,8 @@ class Federation:
         global_arrays = to_record(weights)
 
         messages = list(self.strategy.configure_train(server_round, global_arrays, ConfigRecord(plan), self.grid))
-        replies = list(self.grid.send_and_receive(messages, timeout=s.round_timeout))
-        trained, rejected = screen_replies(replies, "train", global_arrays, self.sites)
+        replies_train = list(self.grid.send_and_receive(messages, timeout=s.round_timeout))
+        trained, rejected = screen_replies(replies_train, "train", global_arrays, self.sites)
         self._require_enough(server_round, "train", trained, rejected)
         new_arrays, _ = self.strategy.aggregate_train(server_round, trained)
         if new_arrays is None:
@@ -184,6 +199,7 @@ class Federation:
             "train": weighted_means(trained),
             "evaluate": weighted_means(evaluated),
             "sites": {"train": per_site(trained), "evaluate": per_site(evaluated)},
+            "privacy": privacy_reports(replies_train),
             "rejected": [asdict(r) for r in rejected],
             "seconds": time.monotonic() - start,
         }

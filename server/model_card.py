@@ -31,12 +31,12 @@ def metrics_table(history: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def privacy_spent(history: list[dict[str, Any]]) -> dict[str, float]:
-    """The latest epsilon each site reported (sites report their cumulative spend)."""
+    """The latest epsilon each DP site reported (sites report their cumulative spend)."""
     spent: dict[str, float] = {}
     for entry in history:
-        for site, metrics in entry["sites"]["train"].items():
-            if "epsilon" in metrics:
-                spent[site] = metrics["epsilon"]
+        for site, report in entry.get("privacy", {}).items():
+            if "dp-epsilon" in report:
+                spent[site] = report["dp-epsilon"]
     return spent
 
 

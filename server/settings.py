@@ -101,4 +101,5 @@ class ServerSettings:
             max_grad_norm=self.max_grad_norm,
             max_events=self.max_events,
             seed=self.seed,
+            planned_rounds=self.rounds,
         )

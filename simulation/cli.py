@@ -19,6 +19,7 @@ import pandas as pd
 
 from hymate.data import DataError
 from hymate.model import ModelOptions
+from hymate.privacy import DPConfig
 from hymate.train import TrainConfig
 from simulation.engine import EngineSettings, SimulationError
 from simulation.partitioners import PartitionError, PartitionScheme
@@ -47,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (partition and splits stay fixed)")
     run.add_argument("--split-seed", type=int, default=0, help="seed of the partition and the per-site splits")
     run.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 95 %% intervals")
+    run.add_argument("--min-sites", type=int, help="sites that must reply in each federated round (default: all)")
+    dp = p.add_argument_group("differential privacy at every virtual site")
+    dp.add_argument("--dp-epsilon", type=float, help="each site's privacy budget; enables DP-SGD")
+    dp.add_argument("--dp-delta", type=float, default=1e-5)
+    dp.add_argument("--dp-max-grad-norm", type=float, default=1.0)
+    dp.add_argument("--dp-accountant", choices=("rdp", "prv"), default="rdp")
     model = p.add_argument_group("model and local training")
     model.add_argument("--d-model", type=int, default=m.d_model)
     model.add_argument("--mamba-layers", type=int, default=m.n_mamba_layers)
@@ -107,7 +114,18 @@ def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
             device=args.device,
         ),
         engine=EngineSettings(cpus_per_client=args.cpus_per_client, ray_address=args.ray_address, timeout=args.timeout),
+        privacy=privacy_settings(args),
+        min_sites=args.min_sites,
     )
+
+
+def privacy_settings(args: argparse.Namespace) -> dict:
+    if args.dp_epsilon is None:
+        return {}
+    settings = {"epsilon": args.dp_epsilon, "delta": args.dp_delta, "max_grad_norm": args.dp_max_grad_norm,
+                "dp_accountant": args.dp_accountant}
+    DPConfig(settings["epsilon"], settings["delta"], settings["max_grad_norm"], settings["dp_accountant"])  # validate now
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         "strategy": f"{spec.strategy.name} {spec.strategy.as_string()}".strip(),
         "rounds x local epochs": f"{spec.rounds} x {spec.local_epochs}",
         "seeds": ", ".join(map(str, spec.seeds)),
+        "differential privacy": (f"epsilon {spec.privacy['epsilon']:g}, delta {spec.privacy['delta']:g} per site"
+                                 if spec.privacy else "off"),
         "wall time": f"{time.perf_counter() - start:.0f} s",
     }
     report = write_report(

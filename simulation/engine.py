@@ -63,9 +63,15 @@ def simulate_federation(
     run_dir: Path,
     engine: EngineSettings,
     split_seed: int = 0,
+    privacy: dict | None = None,
+    min_sites: int | None = None,
     on_progress: Callable[[list[int]], None] | None = None,
 ) -> RunDirectory:
-    """Federate over ``partitions`` (site name -> stay ids); returns the finished run directory."""
+    """Federate over ``partitions`` (site name -> stay ids); returns the finished run directory.
+
+    ``privacy``: DP settings every virtual site trains with (``SiteSettings`` fields such as
+    ``epsilon``); ``min_sites``: sites that must reply each round (default: all of them).
+    """
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = run_dir / "manifest.json"
@@ -76,11 +82,12 @@ def simulate_federation(
         partitions=[Partition(name, list(ids)) for name, ids in partitions.items()],
         split_seed=split_seed,
         dataset_options=dataset_options,
+        privacy=privacy or {},
     ).save(manifest_path)
     config = dict(run_config) | {
         "run-dir": str(run_dir),
         "simulation-manifest": str(manifest_path),
-        "min-clients": len(partitions),
+        "min-clients": min(min_sites or len(partitions), len(partitions)),
     }
     config_file = run_dir / "superlink" / "run_config.toml"
     config_file.parent.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,8 @@ class SimulationSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineSettings = field(default_factory=EngineSettings)
     bootstrap: int = 200
+    privacy: dict = field(default_factory=dict)  # DP settings of every virtual site (SiteSettings fields)
+    min_sites: int | None = None  # sites that must reply in a federated round (default: all)
 
     def __post_init__(self) -> None:
         unknown = set(self.protocols) - set(PROTOCOLS)
@@ -194,6 +196,8 @@ class Experiment:
                 run_dir,
                 spec.engine,
                 split_seed=spec.split_seed,
+                privacy=spec.privacy,
+                min_sites=spec.min_sites,
                 on_progress=_progress(bar),
             )
         self.result.federated_runs[label] = runs.path

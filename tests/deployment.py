@@ -62,7 +62,9 @@ class Deployment:
         log = open(self.root / log_name, "ab")
         process = subprocess.Popen(
             [str(a) for a in args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})},
+            # Several sites share two cores here: OpenMP threads that busy-wait for work would
+            # starve each other (a training step measured 5x slower), so they sleep instead.
+            env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})},
         )
         log.close()
         self.processes.append(process)
