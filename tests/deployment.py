@@ -79,12 +79,12 @@ class Deployment:
         ]
         return self._start(args + (["--resume"] if resume else []), "server.log")
 
-    def start_client(self, i: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start_client(self, i: int, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         """Site ``i`` (1-based) holds the synthetic data's site-(i-1)."""
         args = [
             BIN / "hymate-client", "--server", f"127.0.0.1:{self.port}", "--dataset", "synthetic",
             "--site", f"site-{i - 1}", "--name", f"hospital-{i}", "--state-dir", self.state_dir(i),
-            "--root-cert", self.keys / "ca.crt", "--auth-key", self.keys / "sites" / f"site-{i}", "-v",
+            "--root-cert", self.keys / "ca.crt", "--auth-key", self.keys / "sites" / f"site-{i}", "-v", *extra,
         ]
         return self._start(args, f"client{i}.log", env)
 

@@ -92,29 +92,49 @@ def test_three_hospitals_train_over_tls_and_nothing_but_updates_leaves_them(depl
             assert not leaked, f"local ids {leaked[:3]} left hospital-{i}"
 
 
-def test_server_crash_resume_and_a_lost_hospital(deployment):
+def test_crash_resume_lost_hospital_and_privacy_budgets(deployment):
+    """The coordinator crashes after round 1 and resumes; hospital 3 is gone for good; hospital 1
+    (DP, roomy budget) restarts between rounds and its spend continues from its ledger;
+    hospital 2 (DP, budget for one round) refuses round 2 and says why."""
     d = deployment
-    server = d.start_server("--rounds", "2", "--min-clients", "2")
+    server = d.start_server("--rounds", "2", "--min-clients", "1")
     wait_until(lambda: "registered site site-3" in d.log("server.log"), 90, "the SuperLink to register the sites")
-    clients = {i: d.start_client(i) for i in (1, 2, 3)}
+    clients = {
+        1: d.start_client(1, "--epsilon", "50"),
+        2: d.start_client(2, "--epsilon", "2", "--dp-planned-rounds", "1"),
+        3: d.start_client(3),
+    }
     wait_until(lambda: 1 in d.rounds_done(), 200, "round 1")
 
     kill_group(server)  # the coordinator crashes (SIGKILL) after round 1 ...
-    kill_group(clients[3])  # ... and hospital 3 goes away for good
+    kill_group(clients[3])  # ... hospital 3 goes away for good ...
+    kill_group(clients[1], signal.SIGTERM)  # ... and hospital 1 restarts
+    d.start_client(1, "--epsilon", "50")
     restarted_at = time.time()
-    server = d.start_server("--rounds", "2", "--min-clients", "2", resume=True)
+    server = d.start_server("--rounds", "2", "--min-clients", "1", resume=True)
 
     assert d.wait_server(server, 260) == 0, d.log("server.log")[-3000:]
     assert d.rounds_done() == [1, 2]
-    history = [round_metrics(d, r) for r in (1, 2)]
-    assert [m["round"] for m in history] == [1, 2]
-    assert len(history[0]["sites"]["train"]) == 3
-    assert sorted(history[1]["sites"]["train"]) == ["hospital-1", "hospital-2"]
-    # Round 1 was kept, not redone: the resumed run continued after it, from its weights.
+    first, second = round_metrics(d, 1), round_metrics(d, 2)
+    assert [first["round"], second["round"]] == [1, 2]
+    assert sorted(first["sites"]["train"]) == ["hospital-1", "hospital-2", "hospital-3"]
+    assert sorted(second["sites"]["train"]) == ["hospital-1"]
+    # Round 1 was kept, not redone: the resumed run continued after it.
     assert (d.run_dir / "round-001" / "metrics.json").stat().st_mtime < restarted_at
     assert (d.run_dir / "round-002" / "metrics.json").stat().st_mtime > restarted_at
+
+    refusals = [r for r in second["rejected"] if r["site"] == "hospital-2"]
+    assert len(refusals) == 1 and "refused the round" in refusals[0]["reason"] and "privacy spend" in refusals[0]["reason"]
+    eps_1, eps_2 = first["privacy"]["hospital-1"]["dp-epsilon"], second["privacy"]["hospital-1"]["dp-epsilon"]
+    assert 0 < eps_1 < eps_2 <= 50  # the restarted site continued its spend
+    ledger = json.loads((d.state_dir(1) / "privacy" / "ledger.json").read_text())
+    assert len(ledger["rounds"]) == 2
+    assert first["privacy"]["hospital-2"]["dp-epsilon"] <= 2.0
+    assert "hospital-3" not in first["privacy"]  # no DP there
+
     card = json.loads((d.run_dir / "model_card.json").read_text())
     assert card["training"]["rounds_completed"] == 2
+    assert card["privacy_spent_epsilon"]["hospital-1"] == pytest.approx(eps_2)
     assert sorted(card["final_evaluation"]["per_site"]) == ["hospital-1", "hospital-2"]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 import torch
 from torch import Tensor
@@ -17,13 +16,6 @@ from torch.autograd.function import once_differentiable
 
 from hymate.ssm import cpu_kernel
 from hymate.ssm.grad_sink import ScanGradSink
-
-
-def _sync_threads() -> int:
-    """Give numba as many threads as torch uses (its pool and torch's run one after another)."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
-    return threads
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -46,7 +38,7 @@ class _SelectiveScanCpu(torch.autograd.Function):
         out = torch.empty_like(u)
         chunk_states = u.new_empty(batch, dim, n_chunks, n)
         last_state = u.new_empty(batch, dim, n)
-        _sync_threads()
+        cpu_kernel.sync_threads()
         cpu_kernel.scan_forward(
             _np(u), _np(delta), _np(A), _np(B), _np(C),
             _or_zeros(D, (dim,), u), _or_zeros(z, (1, 1, 1), u), _or_zeros(delta_bias, (dim,), u),
@@ -73,7 +65,7 @@ class _SelectiveScanCpu(torch.autograd.Function):
         n = A.shape[1]
         dout = torch.zeros_like(u) if dout is None else dout.contiguous()
         dlast = u.new_zeros(batch, dim, n) if dlast is None else dlast.contiguous()
-        threads = _sync_threads()
+        threads = cpu_kernel.sync_threads()
         # Channel groups per sample: enough parallel tasks for every thread even at batch 1,
         # while the partial sums of dB/dC (batch * groups * L * n) stay small.
         groups = min(dim, max(1, math.ceil(4 * threads / batch)))

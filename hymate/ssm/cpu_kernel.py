@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def _writable_cache_dir() -> str | None:
@@ -52,6 +53,11 @@ def _writable_cache_dir() -> str | None:
 # Both settings must be in place before numba's first parallel launch / first cached function.
 # OpenMP lets numba's pool and torch's run one after another without oversubscription.
 os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")
+# numba's pool is sized once, at import: as many threads as torch uses. A process confined to
+# one thread (a Ray actor gets OMP_NUM_THREADS=1) then has no idle numba threads busy-waiting
+# on the other cores; two single-thread trainings side by side took 20 s each that way,
+# instead of 3 s.
+os.environ.setdefault("NUMBA_NUM_THREADS", str(torch.get_num_threads()))
 _cache_dir = _writable_cache_dir()
 if _cache_dir is not None:
     os.environ["NUMBA_CACHE_DIR"] = _cache_dir
@@ -60,6 +66,14 @@ import numba  # noqa: E402  (configured through the environment above)
 from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic, overload  # noqa: E402
+
+
+def sync_threads() -> int:
+    """Give numba as many threads as torch uses now (its pool and torch's run one after another)."""
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads
+
 
 # numba reads the environment at import; if it was imported before this module, set its config.
 numba.config.THREADING_LAYER = os.environ["NUMBA_THREADING_LAYER"]
@@ -291,9 +305,7 @@ def _outputs(C_row, hs, u_row, D_d, base, t0, steps, y):
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
-def scan_forward(
-    u, delta, A, B, C, D, z, delta_bias, softplus, has_z, out, chunk_states, last_state
-):
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, has_z, out, chunk_states, last_state):
     """Writes y (gated by silu(z) when has_z) into out, chunk_states and last_state."""
     batch, dim, length = u.shape
     n = A.shape[1]
