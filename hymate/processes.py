@@ -78,6 +78,21 @@ def _end_group(pgid: int, timeout: float, own: subprocess.Popen | None = None) -
             log.warning("process group %d did not stop in %.0f s; killing it", pgid, timeout)
 
 
+def _child_environment(extra: Mapping[str, str] | None) -> dict[str, str]:
+    """The parent's environment with this Python's bin folder first on PATH.
+
+    Flower's SuperLink and SuperNode start helpers (``flower-superexec``, ``flwr-serverapp``,
+    ``flwr-clientapp``) by name; when the project runs from a virtual environment that is not
+    activated (``.venv/bin/hymate-server``, CI), those names must still resolve to the same venv.
+    """
+    environment = {**os.environ, **(extra or {})}
+    bin_dir = str(Path(sys.executable).parent)
+    path = environment.get("PATH", "")
+    if bin_dir not in path.split(os.pathsep):
+        environment["PATH"] = os.pathsep.join(filter(None, [bin_dir, path]))
+    return environment
+
+
 def start_child(args: Sequence[str], log_path: Path, pid_file: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
     """Start ``args`` as a new process group logging to ``log_path``; ends a stale group from ``pid_file`` first."""
     if pid_file.exists():
@@ -91,7 +106,7 @@ def start_child(args: Sequence[str], log_path: Path, pid_file: Path, env: Mappin
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         process = subprocess.Popen(
-            list(args), stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, preexec_fn=_child_setup
+            list(args), stdout=out, stderr=subprocess.STDOUT, env=_child_environment(env), preexec_fn=_child_setup
         )
     pid_file.write_text(f"{process.pid}\n")
     return process

@@ -141,7 +141,11 @@ def run(args: argparse.Namespace) -> int:
             superlink.register(key, name)
         run_id = superlink.run_app(PROJECT_DIR, config_file)
         log.info("run %s started: %d rounds of %s; logs in %s", run_id, args.rounds, args.strategy, args.run_dir)
-        status = superlink.wait_for_run(run_id, args.timeout)
+        card = args.run_dir / "model_card.json"
+        card_before = card.stat().st_mtime if card.exists() else 0.0
+        status = superlink.wait_for_run(
+            run_id, args.timeout, finished_hint=lambda: card.exists() and card.stat().st_mtime > card_before
+        )
         if status != "finished:completed":
             print(superlink.run_log(run_id)[-4000:], file=sys.stderr)
             print(f"hymate-server: run {run_id} ended as {status}", file=sys.stderr)

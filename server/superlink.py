@@ -144,22 +144,35 @@ class SuperLink:
         return str(self.flwr(*args)["run-id"])
 
     def wait_for_run(
-        self, run_id: str, timeout: float, poll: float = 2.0, on_poll: Callable[[], None] | None = None
+        self,
+        run_id: str,
+        timeout: float,
+        poll: float = 10.0,
+        on_poll: Callable[[], None] | None = None,
+        finished_hint: Callable[[], bool] | None = None,
     ) -> str:
-        """The run's final status (``finished:completed``, ``finished:failed: <details>``, ...)."""
+        """The run's final status (``finished:completed``, ``finished:failed: <details>``, ...).
+
+        Each ``flwr list`` is a new Python process (about one CPU-second), so Flower is asked
+        only every ``poll`` seconds, or as soon as the cheap ``finished_hint`` (for example the
+        model card appearing) says the run is probably over.
+        """
         deadline = time.monotonic() + timeout
+        next_ask = time.monotonic()
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise SuperLinkError(f"SuperLink exited with code {self.process.returncode} during run {run_id}")
-            runs = self.flwr("list", CONNECTION, "--run-id", run_id).get("runs", [])
-            status = runs[0]["status"] if runs else "unknown"
             if on_poll is not None:
                 on_poll()
-            if status == "finished:completed":
-                return status
-            if status.startswith("finished"):
-                return f"{status}: {runs[0].get('status-details', '')}"
-            time.sleep(poll)
+            if time.monotonic() >= next_ask or (finished_hint is not None and finished_hint()):
+                runs = self.flwr("list", CONNECTION, "--run-id", run_id).get("runs", [])
+                status = runs[0]["status"] if runs else "unknown"
+                if status == "finished:completed":
+                    return status
+                if status.startswith("finished"):
+                    return f"{status}: {runs[0].get('status-details', '')}"
+                next_ask = time.monotonic() + poll
+            time.sleep(0.5)
         raise SuperLinkError(f"run {run_id} did not finish within {timeout:.0f} s")
 
     def run_log(self, run_id: str) -> str:

@@ -101,7 +101,10 @@ def simulate_federation(
         superlink.start()
         run_id = superlink.run_app(PROJECT_DIR, config_file, engine.federation_config(len(partitions)))
         status = superlink.wait_for_run(
-            run_id, engine.timeout, on_poll=(lambda: on_progress(runs.completed_rounds())) if on_progress else None
+            run_id,
+            engine.timeout,
+            on_poll=(lambda: on_progress(runs.completed_rounds())) if on_progress else None,
+            finished_hint=lambda: (run_dir / "model_card.json").exists(),
         )
         if status != "finished:completed":
             raise SimulationError(f"simulation ended as {status}:\n{superlink.run_log(run_id)[-3000:]}")
