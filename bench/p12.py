@@ -71,15 +71,24 @@ def main() -> None:
         booster = fit_gradient_boosting(train, seed=seed)
         probs = predict_gradient_boosting(booster, test)
         gb_time = time.perf_counter() - t0
-        print(f"{'HistGradientBoosting (summaries)':<34}{seed:>5}{auroc(test.labels, probs):>8.4f}{auprc(test.labels, probs):>8.4f}{gb_time:>9.1f}")
+        print(
+            f"{'HistGradientBoosting (summaries)':<34}{seed:>5}{auroc(test.labels, probs):>8.4f}{auprc(test.labels, probs):>8.4f}{gb_time:>9.1f}"
+        )
 
         model = ModelOptions(d_model=args.d_model, dropout=args.dropout)
         config = replace(
-            TrainConfig(), epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, max_events=args.max_events, seed=seed
+            TrainConfig(),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            max_events=args.max_events,
+            seed=seed,
         )
         result = train_centralized(train, val, {"set-a": test}, model, config)
         ev = result.test["set-a"]
-        print(f"{'HyMaTE (best epoch ' + str(result.fit.best_epoch) + ')':<34}{seed:>5}{ev.auroc:>8.4f}{ev.auprc:>8.4f}{result.seconds:>9.1f}")
+        print(
+            f"{'HyMaTE (best epoch ' + str(result.fit.best_epoch) + ')':<34}{seed:>5}{ev.auroc:>8.4f}{ev.auprc:>8.4f}{result.seconds:>9.1f}"
+        )
 
 
 if __name__ == "__main__":

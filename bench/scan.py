@@ -67,9 +67,7 @@ def mambapy_scan(u, delta, A, B, C, D):
 def step_fn(method: str, inputs: dict) -> Callable[[], None]:
     """One forward + backward of `method` on leaf copies of `inputs`, gradients of all."""
     if method == "mambapy":
-        inputs = {
-            k: v.transpose(1, 2).contiguous() if v.dim() == 3 else v for k, v in inputs.items()
-        }
+        inputs = {k: v.transpose(1, 2).contiguous() if v.dim() == 3 else v for k, v in inputs.items()}
     leaves = [v.clone().requires_grad_() for v in inputs.values()]
     names = list(inputs)
     grad_out = torch.ones(inputs["u"].shape)

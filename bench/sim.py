@@ -94,8 +94,10 @@ def main() -> None:
     print(f"whole run {wall:.0f} s, peak memory {memory.above_baseline_mb:.0f} MB above baseline")
 
     experiment, wall, memory = run(root / "scale", sites=args.scale_sites, stays=args.scale_stays, rounds=1, d_model=16)
-    print(f"scale: {len(experiment.sites)} sites x {args.scale_stays} stays, 1 round, d_model 16: "
-          f"{wall:.0f} s, peak memory {memory.above_baseline_mb:.0f} MB above baseline")
+    print(
+        f"scale: {len(experiment.sites)} sites x {args.scale_stays} stays, 1 round, d_model 16: "
+        f"{wall:.0f} s, peak memory {memory.above_baseline_mb:.0f} MB above baseline"
+    )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from hymate.privacy import LedgerError, PrivacyBudgetExhausted
 
 log = logging.getLogger(__name__)
 
+
 class SiteFailure(RuntimeError):
     """What the coordinator is told when a site fails: the kind of failure, no local detail."""
 
@@ -78,6 +79,7 @@ def _site_record(data: LocalData) -> ConfigRecord:
 
 app = ClientApp(mods=[make_audit_mod(resolve_site)])
 
+
 @app.query()
 @reported_safely
 def query(msg: Message, context: Context) -> Message:
@@ -95,6 +97,7 @@ def query(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content, reply_to=msg)
+
 
 @app.train()
 @reported_safely
@@ -116,7 +119,11 @@ def train(msg: Message, context: Context) -> Message:
         refusal = {"reason": e.reason, "dp-epsilon": e.epsilon_spent, "dp-target-epsilon": e.target_epsilon}
         return Message(RecordDict({"refused": ConfigRecord(refusal), "site": _site_record(data)}), reply_to=msg)
     metrics = MetricRecord(
-        {"num-examples": outcome.num_examples, "train_loss": outcome.train_loss, "seconds": time.perf_counter() - started}
+        {
+            "num-examples": outcome.num_examples,
+            "train_loss": outcome.train_loss,
+            "seconds": time.perf_counter() - started,
+        }
     )
     content = {"arrays": _to_record(outcome.weights), "metrics": metrics, "site": _site_record(data)}
     if outcome.privacy is not None:
@@ -124,6 +131,7 @@ def train(msg: Message, context: Context) -> Message:
         # check that all MetricRecords share their keys.
         content["privacy"] = ConfigRecord(outcome.privacy)
     return Message(RecordDict(content), reply_to=msg)
+
 
 @app.evaluate()
 @reported_safely
@@ -135,4 +143,3 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics["seconds"] = time.perf_counter() - started
     content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(data)})
     return Message(content, reply_to=msg)
-

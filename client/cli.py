@@ -46,10 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--delta", type=float, help="delta of (epsilon, delta)-DP (default 1e-5)")
     dp.add_argument("--max-grad-norm", type=float, help="per-sample gradient clipping bound (default 1.0)")
     dp.add_argument("--dp-accountant", choices=("rdp", "prv"), help="privacy accountant (default rdp)")
-    dp.add_argument("--dp-planned-rounds", type=int, help="rounds to calibrate noise for (default: the coordinator's plan)")
+    dp.add_argument(
+        "--dp-planned-rounds", type=int, help="rounds to calibrate noise for (default: the coordinator's plan)"
+    )
     p.add_argument("--insecure", action="store_true", help="no TLS (never with patient data)")
-    p.add_argument("--max-restarts", type=int, help="stop after restarting the SuperNode this often (default: never stop)")
-    p.add_argument("--clientappio-port", type=int, help="local port for the SuperNode's ClientApp API (default: a free one)")
+    p.add_argument(
+        "--max-restarts", type=int, help="stop after restarting the SuperNode this often (default: never stop)"
+    )
+    p.add_argument(
+        "--clientappio-port", type=int, help="local port for the SuperNode's ClientApp API (default: a free one)"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -73,11 +79,24 @@ def merged_options(args: argparse.Namespace) -> dict:
 def site_config(options: dict) -> dict[str, str]:
     """The site's settings as node-config keys (paths made absolute: the SuperNode runs elsewhere)."""
     config = {}
-    for option in ("dataset", "data", "site", "name", "state_dir", "device",
-                   "epsilon", "delta", "max_grad_norm", "dp_accountant", "dp_planned_rounds"):
+    for option in (
+        "dataset",
+        "data",
+        "site",
+        "name",
+        "state_dir",
+        "device",
+        "epsilon",
+        "delta",
+        "max_grad_norm",
+        "dp_accountant",
+        "dp_planned_rounds",
+    ):
         value = options.get(option)
         if value is not None:
-            config[option.replace("_", "-")] = str(Path(value).resolve()) if option in ("data", "state_dir") else str(value)
+            config[option.replace("_", "-")] = (
+                str(Path(value).resolve()) if option in ("data", "state_dir") else str(value)
+            )
     return config
 
 
@@ -92,27 +111,39 @@ def run(options: dict) -> int:
             raise SiteConfigError(f"--{required.replace('_', '-')} is required")
     secure = not options.get("insecure")
     if secure and not (options.get("root_cert") and options.get("auth_key")):
-        raise SiteConfigError("TLS and site authentication need --root-cert and --auth-key (or pass --insecure explicitly)")
+        raise SiteConfigError(
+            "TLS and site authentication need --root-cert and --auth-key (or pass --insecure explicitly)"
+        )
     config = site_config(options)
     settings = SiteSettings.from_node_config(config)
     data = open_site(settings)  # fail now, with the file's name, rather than in round 1
     dp = settings.privacy(planned_rounds=1)
     if dp is not None:  # a tampered or missing ledger stops the site here, before it connects
         ledger = PrivacyLedger.open(settings.state_dir, dp.target_epsilon, dp.delta, dp.accountant)
-        print(f"privacy: epsilon {ledger.epsilon_spent:.4f} of {dp.target_epsilon:g} spent over {ledger.rounds_trained} round(s)")
+        print(
+            f"privacy: epsilon {ledger.epsilon_spent:.4f} of {dp.target_epsilon:g} spent over {ledger.rounds_trained} round(s)"
+        )
     print(f"site {settings.display_name}: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test stays")
 
     state_dir = settings.state_dir
     args = [
         str(Path(sys.executable).with_name("flower-supernode")),
-        "--superlink", options["server"],
-        "--node-config", node_config_string(config),
-        "--host", "127.0.0.1",
-        "--port", str(options.get("clientappio_port") or free_port()),
+        "--superlink",
+        options["server"],
+        "--node-config",
+        node_config_string(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(options.get("clientappio_port") or free_port()),
     ]
     if secure:
-        args += ["--root-certificates", str(Path(options["root_cert"]).resolve()),
-                 "--auth-supernode-private-key", str(Path(options["auth_key"]).resolve())]
+        args += [
+            "--root-certificates",
+            str(Path(options["root_cert"]).resolve()),
+            "--auth-supernode-private-key",
+            str(Path(options["auth_key"]).resolve()),
+        ]
     else:
         log.warning("INSECURE: no TLS to the coordinator. Never use this with patient data.")
         args += ["--insecure"]
@@ -149,7 +180,9 @@ def supervise(args: list[str], env: dict[str, str], state_dir: Path, max_restart
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
     logging.getLogger("hymate-client").setLevel(logging.INFO)
     try:
         return run(merged_options(args))

@@ -137,5 +137,7 @@ def open_site(settings: SiteSettings) -> LocalData:
     if len(table) == 0:
         raise DataError(f"dataset {settings.dataset!r} at {settings.data} holds no stays")
     train, val, test = split_stays(table, seed=settings.split_seed).tables(table)
-    log.info("site %s: %s; %d train, %d val, %d test stays", settings.display_name, summary, len(train), len(val), len(test))
+    log.info(
+        "site %s: %s; %d train, %d val, %d test stays", settings.display_name, summary, len(train), len(val), len(test)
+    )
     return LocalData(settings, train, val, test, summary)

@@ -109,8 +109,16 @@ def train_locally(
         ledger = PrivacyLedger.open(data.settings.state_dir, dp.target_epsilon, dp.delta, dp.accountant)
         round_plan = plan_round(dp, len(dataset), config.batch_size, config.epochs)
         result = train_private_round(
-            model, dataset, optimizer, round_plan, dp, ledger,
-            device=device, pos_weight=pos_weight, proximal=proximal, label=f"server round {server_round}",
+            model,
+            dataset,
+            optimizer,
+            round_plan,
+            dp,
+            ledger,
+            device=device,
+            pos_weight=pos_weight,
+            proximal=proximal,
+            label=f"server round {server_round}",
         )
         return TrainOutcome(weights_of(model.cpu()), len(data.train), result.train_loss, result.metrics())
     loader = make_loader(dataset, config.batch_size, True, seed)

@@ -53,11 +53,21 @@ def train_centralized(
     train_loader = make_loader(StayDataset(train, normalizer, config.max_events), config.batch_size, True, config.seed)
     val_loader = make_loader(StayDataset(val, normalizer, config.max_events), 2 * config.batch_size, False)
     model = HyMaTE(model_options.for_table(train))
-    log.info("HyMaTE with %d parameters; %d train, %d validation stays", sum(p.numel() for p in model.parameters()), len(train), len(val))
+    log.info(
+        "HyMaTE with %d parameters; %d train, %d validation stays",
+        sum(p.numel() for p in model.parameters()),
+        len(train),
+        len(val),
+    )
     result = fit(model, train_loader, val_loader, config, pos_weight)
     device = select_device(config.device)
     test = {
-        name: evaluate(model, make_loader(StayDataset(table, normalizer, config.max_events), 2 * config.batch_size, False), device, pos_weight)
+        name: evaluate(
+            model,
+            make_loader(StayDataset(table, normalizer, config.max_events), 2 * config.batch_size, False),
+            device,
+            pos_weight,
+        )
         for name, table in tests.items()
     }
     return CentralizedResult(model, normalizer, result, test, time.perf_counter() - start)

@@ -53,7 +53,11 @@ class LocalPlan:
     def from_record(cls, record: Mapping[str, Any]) -> LocalPlan:
         try:
             model = ModelOptions(**{f.name: _typed(record, f"model.{f.name}", f.type) for f in fields(ModelOptions)})
-            norm = {k.removeprefix("norm."): np.asarray(v, dtype=np.float64) for k, v in record.items() if k.startswith("norm.")}
+            norm = {
+                k.removeprefix("norm."): np.asarray(v, dtype=np.float64)
+                for k, v in record.items()
+                if k.startswith("norm.")
+            }
             normalizer = Normalizer.from_arrays(norm)
             plan = {
                 f.name: _typed(record, f.name, f.type) for f in fields(cls) if f.name not in ("model", "normalizer")

@@ -161,9 +161,7 @@ class MambaMixer(nn.Module):
         self.d_inner = config.expand * d
         self.dt_rank = math.ceil(d / 16)
         self.in_proj = nn.Linear(d, 2 * self.d_inner, bias=False)
-        self.conv = nn.Conv1d(
-            self.d_inner, self.d_inner, config.d_conv, groups=self.d_inner, padding=config.d_conv - 1
-        )
+        self.conv = nn.Conv1d(self.d_inner, self.d_inner, config.d_conv, groups=self.d_inner, padding=config.d_conv - 1)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * n, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
         self.ssm = SelectiveSSM(self.d_inner, n, config.scan_backend)
@@ -174,9 +172,7 @@ class MambaMixer(nn.Module):
         """Mamba's initialisation: softplus(dt bias) log-uniform in [dt_min, dt_max]."""
         std = self.dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(
-            torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        )
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 

@@ -39,7 +39,9 @@ class ModelBundle:
             "format": "hymate-model/1",
             "config": dataclasses.asdict(self.config),
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()},
-            "normalizer": {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in self.normalizer.to_arrays().items()},
+            "normalizer": {
+                k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in self.normalizer.to_arrays().items()
+            },
             "variables": list(self.variables),
             "static_names": list(self.static_names),
         }

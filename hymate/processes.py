@@ -93,7 +93,9 @@ def _child_environment(extra: Mapping[str, str] | None) -> dict[str, str]:
     return environment
 
 
-def start_child(args: Sequence[str], log_path: Path, pid_file: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+def start_child(
+    args: Sequence[str], log_path: Path, pid_file: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen:
     """Start ``args`` as a new process group logging to ``log_path``; ends a stale group from ``pid_file`` first."""
     if pid_file.exists():
         try:

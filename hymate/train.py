@@ -82,7 +82,7 @@ class ProximalTerm:
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
         params = [p for p in model.parameters() if p.requires_grad]
-        return 0.5 * self.mu * sum(((p - a) ** 2).sum() for p, a in zip(params, self.anchor))
+        return 0.5 * self.mu * sum(((p - a) ** 2).sum() for p, a in zip(params, self.anchor, strict=True))
 
 
 def train_epoch(
@@ -196,8 +196,23 @@ def fit(
             model, train_batches, optimizer, device, pos_weight, config.max_grad_norm, scheduler=scheduler
         )
         val = evaluate(model, val_batches, device, pos_weight)
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val.loss, "val_auroc": val.auroc, "val_auprc": val.auprc})
-        log.info("epoch %d: train loss %.4f, val loss %.4f, AUROC %.4f, AUPRC %.4f", epoch, train_loss, val.loss, val.auroc, val.auprc)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val.loss,
+                "val_auroc": val.auroc,
+                "val_auprc": val.auprc,
+            }
+        )
+        log.info(
+            "epoch %d: train loss %.4f, val loss %.4f, AUROC %.4f, AUPRC %.4f",
+            epoch,
+            train_loss,
+            val.loss,
+            val.auroc,
+            val.auprc,
+        )
         if best is None or val.score > best.score:
             best, best_epoch, best_state = val, epoch, copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= config.patience:

@@ -42,11 +42,15 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, logs, final model and model card")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir after its last complete round")
     p.add_argument("--strategy", default=d.strategy.name, help="registered name or module:Class (default fedavg)")
-    p.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE", help="strategy option (repeatable)")
+    p.add_argument(
+        "--strategy-option", action="append", default=[], metavar="KEY=VALUE", help="strategy option (repeatable)"
+    )
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--min-clients", type=int, default=d.min_clients, help="sites that must reply in every round")
     p.add_argument("--round-timeout", type=float, default=d.round_timeout, help="seconds to wait for replies per round")
-    p.add_argument("--wait-for-clients", type=float, default=d.wait_for_clients, help="seconds to wait for enough sites")
+    p.add_argument(
+        "--wait-for-clients", type=float, default=d.wait_for_clients, help="seconds to wait for enough sites"
+    )
     p.add_argument("--local-epochs", type=int, default=d.local_epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
@@ -57,20 +61,30 @@ def build_run_parser() -> argparse.ArgumentParser:
     net.add_argument("--ssl-ca-certfile", type=Path)
     net.add_argument("--ssl-certfile", type=Path)
     net.add_argument("--ssl-keyfile", type=Path)
-    net.add_argument("--site-keys", type=Path, action="append", default=[], help="a site's .pub key, or a folder of them")
-    net.add_argument("--insecure", action="store_true", help="no TLS and no site authentication (never with patient data)")
-    p.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up on the whole run after this many seconds")
+    net.add_argument(
+        "--site-keys", type=Path, action="append", default=[], help="a site's .pub key, or a folder of them"
+    )
+    net.add_argument(
+        "--insecure", action="store_true", help="no TLS and no site authentication (never with patient data)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=24 * 3600.0, help="give up on the whole run after this many seconds"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
 def build_certs_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hymate-server init-certs", description="Create a CA, a server certificate and site keys.")
+    p = argparse.ArgumentParser(
+        prog="hymate-server init-certs", description="Create a CA, a server certificate and site keys."
+    )
     p.add_argument("directory", type=Path)
     sites = p.add_mutually_exclusive_group()
     sites.add_argument("--sites", type=int, default=0, help="create keys for site-1 .. site-N")
     sites.add_argument("--site", action="append", default=[], help="create a key for this site name (repeatable)")
-    p.add_argument("--host", action="append", default=[], help="host name or IP the server certificate is for (repeatable)")
+    p.add_argument(
+        "--host", action="append", default=[], help="host name or IP the server certificate is for (repeatable)"
+    )
     return p
 
 
@@ -171,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["init-certs"]:
         return init_certs(argv[1:])
     args = build_run_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
     logging.getLogger("hymate-server").setLevel(logging.INFO)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the SuperLink is stopped on the way out
     try:

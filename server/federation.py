@@ -86,7 +86,9 @@ def weighted_means(replies: Iterable[Message]) -> dict[str, float]:
 
 def per_site(replies: Iterable[Message]) -> dict[str, dict[str, float]]:
     return {
-        site_of(m, f"node-{m.metadata.src_node_id}"): {k: v for k, v in m.content["metrics"].items() if isinstance(v, (int, float))}
+        site_of(m, f"node-{m.metadata.src_node_id}"): {
+            k: v for k, v in m.content["metrics"].items() if isinstance(v, (int, float))
+        }
         for m in replies
     }
 
@@ -141,7 +143,8 @@ class Federation:
         """Ask every site for its schema and moment sums; combine them into the global normaliser."""
         nodes = list(self.grid.get_node_ids())
         messages = [
-            Message(RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes
+            Message(RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=n)
+            for n in nodes
         ]
         replies = list(self.grid.send_and_receive(messages, timeout=self.settings.round_timeout))
         good, schemas, provenance = [], {}, {}
@@ -157,13 +160,19 @@ class Federation:
             provenance[site] = {"dataset": str(schema["dataset"])} | dict(reply.content["metrics"])
             good.append(MomentSums.from_arrays(from_record(reply.content["moments"])))
         if len(good) < self.settings.min_clients:
-            raise FederationError(f"only {len(good)} sites answered the normalisation query; {self.settings.min_clients} required")
+            raise FederationError(
+                f"only {len(good)} sites answered the normalisation query; {self.settings.min_clients} required"
+            )
         if len(set(schemas.values())) > 1:
-            detail = "; ".join(f"{site}: {len(v)} variables, {len(st)} static ({ds})" for site, (v, st, ds) in schemas.items())
+            detail = "; ".join(
+                f"{site}: {len(v)} variables, {len(st)} static ({ds})" for site, (v, st, ds) in schemas.items()
+            )
             raise FederationError(f"sites disagree on the data schema: {detail}")
         variables, static, dataset = next(iter(schemas.values()))
         normalizer = MomentSums.merge(*good).to_normalizer()
-        arrays = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in normalizer.to_arrays().items()}
+        arrays = {
+            k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in normalizer.to_arrays().items()
+        }
         log.info("global normalisation from %d sites: %s", len(good), ", ".join(sorted(provenance)))
         return FederationFacts(list(variables), list(static), dataset, arrays, provenance)
 
@@ -172,7 +181,9 @@ class Federation:
         model = HyMaTE(self.settings.model.for_schema(len(facts.variables), len(facts.static_names)))
         return {k: v.numpy() for k, v in model.state_dict().items()}
 
-    def run_round(self, server_round: int, weights: dict[str, np.ndarray], plan: dict[str, Any]) -> dict[str, np.ndarray]:
+    def run_round(
+        self, server_round: int, weights: dict[str, np.ndarray], plan: dict[str, Any]
+    ) -> dict[str, np.ndarray]:
         s = self.settings
         start = time.monotonic()
         wait_for_sites(self.grid, s.min_clients, s.wait_for_clients)
@@ -206,11 +217,17 @@ class Federation:
         self.run_dir.write_round(RoundCheckpoint(server_round, new_weights, strategy_state(self.strategy), metrics))
         log.info(
             "round %d/%d: %d sites trained, %d rejected; evaluation %s",
-            server_round, s.rounds, len(trained), len(rejected), metrics["evaluate"],
+            server_round,
+            s.rounds,
+            len(trained),
+            len(rejected),
+            metrics["evaluate"],
         )
         return new_weights
 
-    def _require_enough(self, server_round: int, phase: str, accepted: list[Message], rejected: list[Rejection]) -> None:
+    def _require_enough(
+        self, server_round: int, phase: str, accepted: list[Message], rejected: list[Rejection]
+    ) -> None:
         if len(accepted) < self.settings.min_clients:
             reasons = "; ".join(f"{r.site}: {r.reason}" for r in rejected) or "no replies"
             raise FederationError(

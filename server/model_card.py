@@ -25,8 +25,14 @@ def metrics_table(history: list[dict[str, Any]]) -> pd.DataFrame:
     for entry in history:
         for phase in ("train", "evaluate"):
             for site, metrics in entry["sites"][phase].items():
-                rows += [{"round": entry["round"], "phase": phase, "site": site, "metric": k, "value": v} for k, v in metrics.items()]
-            rows += [{"round": entry["round"], "phase": phase, "site": "weighted-mean", "metric": k, "value": v} for k, v in entry[phase].items()]
+                rows += [
+                    {"round": entry["round"], "phase": phase, "site": site, "metric": k, "value": v}
+                    for k, v in metrics.items()
+                ]
+            rows += [
+                {"round": entry["round"], "phase": phase, "site": "weighted-mean", "metric": k, "value": v}
+                for k, v in entry[phase].items()
+            ]
     return pd.DataFrame(rows, columns=["round", "phase", "site", "metric", "value"])
 
 
@@ -40,7 +46,9 @@ def privacy_spent(history: list[dict[str, Any]]) -> dict[str, float]:
     return spent
 
 
-def write_final_outputs(run_dir: RunDirectory, settings: ServerSettings, facts: FederationFacts, bundle: ModelBundle) -> dict[str, Any]:
+def write_final_outputs(
+    run_dir: RunDirectory, settings: ServerSettings, facts: FederationFacts, bundle: ModelBundle
+) -> dict[str, Any]:
     history = run_dir.history()
     last = history[-1] if history else {"sites": {"evaluate": {}}, "evaluate": {}}
     card = {
@@ -86,12 +94,24 @@ def render_markdown(card: dict[str, Any]) -> str:
     ]
     for site, p in sorted(card["data_provenance"].items()):
         eps = card["privacy_spent_epsilon"].get(site, "no DP")
-        lines.append(f"| {site} | {p.get('dataset')} | {p.get('stays_train')} | {p.get('stays_test')} | {p.get('prevalence')} | {eps} |")
-    lines += ["", "## Final evaluation (each site's own test stays)", "", "| site | n | AUROC | AUPRC | loss |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {site} | {p.get('dataset')} | {p.get('stays_train')} | {p.get('stays_test')} | {p.get('prevalence')} | {eps} |"
+        )
+    lines += [
+        "",
+        "## Final evaluation (each site's own test stays)",
+        "",
+        "| site | n | AUROC | AUPRC | loss |",
+        "|---|---|---|---|---|",
+    ]
     for site, m in sorted(card["final_evaluation"]["per_site"].items()):
-        lines.append(f"| {site} | {m.get('num-examples')} | {_fmt(m.get('auroc'))} | {_fmt(m.get('auprc'))} | {_fmt(m.get('loss'))} |")
+        lines.append(
+            f"| {site} | {m.get('num-examples')} | {_fmt(m.get('auroc'))} | {_fmt(m.get('auprc'))} | {_fmt(m.get('loss'))} |"
+        )
     mean = card["final_evaluation"]["weighted_mean"]
-    lines.append(f"| weighted mean | | {_fmt(mean.get('auroc'))} | {_fmt(mean.get('auprc'))} | {_fmt(mean.get('loss'))} |")
+    lines.append(
+        f"| weighted mean | | {_fmt(mean.get('auroc'))} | {_fmt(mean.get('auprc'))} | {_fmt(mean.get('loss'))} |"
+    )
     if card["rejected_replies"]:
         lines += ["", "## Rejected replies", ""]
         lines += [f"- {r['site']} ({r['phase']}): {r['reason']}" for r in card["rejected_replies"]]

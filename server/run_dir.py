@@ -131,4 +131,3 @@ def strategy_state(strategy: object) -> dict[str, Any] | None:
 def restore_strategy_state(strategy: object, state: dict[str, Any] | None) -> None:
     if state is not None:
         vars(strategy).update(state)
-

@@ -51,7 +51,13 @@ class SuperLink:
     """A SuperLink started (and stopped) by us, with its own FLWR_HOME under the run dir."""
 
     def __init__(
-        self, state_dir: Path, host: str, port: int, tls: TLSFiles | None, simulation: bool = False, env: dict | None = None
+        self,
+        state_dir: Path,
+        host: str,
+        port: int,
+        tls: TLSFiles | None,
+        simulation: bool = False,
+        env: dict | None = None,
     ):
         self.state_dir = Path(state_dir)
         self.address = f"{host}:{port}"
@@ -68,7 +74,13 @@ class SuperLink:
 
     def write_connection(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{self.address}"']
+        lines = [
+            "[superlink]",
+            f'default = "{CONNECTION}"',
+            "",
+            f"[superlink.{CONNECTION}]",
+            f'address = "{self.address}"',
+        ]
         lines.append(f'root-certificates = "{self.tls.ca_cert.resolve()}"' if self.tls else "insecure = true")
         (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
@@ -76,16 +88,25 @@ class SuperLink:
         self.write_connection()
         args = [
             _flwr_bin("flower-superlink"),
-            "--host", self.host,
-            "--port", str(self.port),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
             # Offline sites and coordinators: never install an app's dependencies at run time.
             "--disable-runtime-dependency-installation",
         ]
         if self.simulation:
             args += ["--simulation"]
         if self.tls:
-            args += ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.cert),
-                     "--ssl-keyfile", str(self.tls.key), "--enable-supernode-auth"]
+            args += [
+                "--ssl-ca-certfile",
+                str(self.tls.ca_cert),
+                "--ssl-certfile",
+                str(self.tls.cert),
+                "--ssl-keyfile",
+                str(self.tls.key),
+                "--enable-supernode-auth",
+            ]
         else:
             args += ["--insecure"]
         self.process = start_child(args, self.state_dir / "superlink.log", self.pid_file, self.env)
@@ -98,7 +119,9 @@ class SuperLink:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise SuperLinkError(f"SuperLink exited with code {self.process.returncode}; see {self.state_dir / 'superlink.log'}")
+                raise SuperLinkError(
+                    f"SuperLink exited with code {self.process.returncode}; see {self.state_dir / 'superlink.log'}"
+                )
             try:
                 with urllib.request.urlopen(f"{scheme}://{self.address}/health", timeout=2, context=context) as r:
                     if r.status == 200:
@@ -106,7 +129,9 @@ class SuperLink:
             except (urllib.error.URLError, ConnectionError, TimeoutError, ssl.SSLError):
                 pass
             time.sleep(0.5)
-        raise SuperLinkError(f"SuperLink at {self.address} not healthy within {timeout:.0f} s; see {self.state_dir / 'superlink.log'}")
+        raise SuperLinkError(
+            f"SuperLink at {self.address} not healthy within {timeout:.0f} s; see {self.state_dir / 'superlink.log'}"
+        )
 
     def stop(self) -> None:
         if self.process is not None:
@@ -117,13 +142,17 @@ class SuperLink:
         """Run ``flwr ARGS --format json`` against this SuperLink; its JSON answer, or SuperLinkError."""
         command = [_flwr_bin("flwr"), *args, "--format", "json"]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **self.env})
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **self.env}
+            )
         except subprocess.TimeoutExpired as e:
             raise SuperLinkError(f"`flwr {' '.join(args)}` did not answer within {timeout:.0f} s") from e
         try:
-            answer = json.loads(done.stdout[done.stdout.find("{"):])
+            answer = json.loads(done.stdout[done.stdout.find("{") :])
         except json.JSONDecodeError:
-            raise SuperLinkError(f"`flwr {' '.join(args)}` failed: {done.stdout.strip()} {done.stderr.strip()}") from None
+            raise SuperLinkError(
+                f"`flwr {' '.join(args)}` failed: {done.stdout.strip()} {done.stderr.strip()}"
+            ) from None
         if not answer.get("success", False):
             raise SuperLinkError(f"`flwr {' '.join(args)}` failed: {answer.get('error-message', answer)}")
         return answer
@@ -178,6 +207,9 @@ class SuperLink:
     def run_log(self, run_id: str) -> str:
         done = subprocess.run(
             [_flwr_bin("flwr"), "log", run_id, CONNECTION, "--show"],
-            capture_output=True, text=True, timeout=60, env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **self.env},
         )
         return done.stdout + done.stderr

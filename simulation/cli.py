@@ -1,9 +1,9 @@
 """``hymate-sim``: simulate a federation of hospitals on one machine (or a Ray cluster).
 
-    hymate-sim                                             federated, synthetic data, report in runs/sim
-    hymate-sim --dataset physionet2012 --data DIR --protocol all --out runs/p12
-    hymate-sim --partition dirichlet:0.3 --sites 8 --strategy fedprox --strategy-option proximal_mu=0.01
-    hymate-sim --ray-address 10.0.0.5:6379 ...             on an existing Ray cluster (or set RAY_ADDRESS)
+hymate-sim                                             federated, synthetic data, report in runs/sim
+hymate-sim --dataset physionet2012 --data DIR --protocol all --out runs/p12
+hymate-sim --partition dirichlet:0.3 --sites 8 --strategy fedprox --strategy-option proximal_mu=0.01
+hymate-sim --ray-address 10.0.0.5:6379 ...             on an existing Ray cluster (or set RAY_ADDRESS)
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from strategies.registry import StrategyError, StrategySpec, build_strategy
 
 def build_parser() -> argparse.ArgumentParser:
     t, m = TrainConfig(), ModelOptions()
-    p = argparse.ArgumentParser(prog="hymate-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="hymate-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     data = p.add_argument_group("data and sites")
     data.add_argument("--dataset", default="synthetic", help="synthetic (generated, default), physionet2012, ...")
     data.add_argument("--data", type=Path, help="folder with the dataset's raw files (not for synthetic)")
@@ -40,12 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--synthetic-sites", type=int, help="sites the synthetic generator makes (default 4)")
     data.add_argument("--synthetic-stays", type=int, help="stays per synthetic site (default 500)")
     run = p.add_argument_group("protocols")
-    run.add_argument("--protocol", action="append", help=f"{', '.join(PROTOCOLS)} or all (repeatable; default federated)")
+    run.add_argument(
+        "--protocol", action="append", help=f"{', '.join(PROTOCOLS)} or all (repeatable; default federated)"
+    )
     run.add_argument("--strategy", default="fedavg", help="aggregation strategy name or module:Class")
     run.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--rounds", type=int, default=5)
     run.add_argument("--local-epochs", type=int, default=1)
-    run.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (partition and splits stay fixed)")
+    run.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="training seeds (partition and splits stay fixed)"
+    )
     run.add_argument("--split-seed", type=int, default=0, help="seed of the partition and the per-site splits")
     run.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 95 %% intervals")
     run.add_argument("--min-sites", type=int, help="sites that must reply in each federated round (default: all)")
@@ -122,15 +128,23 @@ def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
 def privacy_settings(args: argparse.Namespace) -> dict:
     if args.dp_epsilon is None:
         return {}
-    settings = {"epsilon": args.dp_epsilon, "delta": args.dp_delta, "max_grad_norm": args.dp_max_grad_norm,
-                "dp_accountant": args.dp_accountant}
-    DPConfig(settings["epsilon"], settings["delta"], settings["max_grad_norm"], settings["dp_accountant"])  # validate now
+    settings = {
+        "epsilon": args.dp_epsilon,
+        "delta": args.dp_delta,
+        "max_grad_norm": args.dp_max_grad_norm,
+        "dp_accountant": args.dp_accountant,
+    }
+    DPConfig(
+        settings["epsilon"], settings["delta"], settings["max_grad_norm"], settings["dp_accountant"]
+    )  # validate now
     return settings
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
     start = time.perf_counter()
     try:
         spec = spec_from_args(args)
@@ -147,13 +161,19 @@ def main(argv: list[str] | None = None) -> int:
         "strategy": f"{spec.strategy.name} {spec.strategy.as_string()}".strip(),
         "rounds x local epochs": f"{spec.rounds} x {spec.local_epochs}",
         "seeds": ", ".join(map(str, spec.seeds)),
-        "differential privacy": (f"epsilon {spec.privacy['epsilon']:g}, delta {spec.privacy['delta']:g} per site"
-                                 if spec.privacy else "off"),
+        "differential privacy": (
+            f"epsilon {spec.privacy['epsilon']:g}, delta {spec.privacy['delta']:g} per site" if spec.privacy else "off"
+        ),
         "wall time": f"{time.perf_counter() - start:.0f} s",
     }
     report = write_report(
-        spec.out, "HyMaTE-FL simulation report", setup, results,
-        pd.DataFrame(site_summary(experiment)), result.federated_runs, result.importance,
+        spec.out,
+        "HyMaTE-FL simulation report",
+        setup,
+        results,
+        pd.DataFrame(site_summary(experiment)),
+        result.federated_runs,
+        result.importance,
     )
     pooled = results[(results["test_site"] == "pooled") & (results["metric"].isin(["auroc", "auprc"]))]
     for (protocol, metric), group in pooled.groupby(["protocol", "metric"]):

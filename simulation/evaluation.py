@@ -21,7 +21,9 @@ class Predictions:
     probs: np.ndarray
 
 
-def predict(model: HyMaTE, normalizer: Normalizer, table: StayTable, max_events: int, device: str = "auto") -> Predictions:
+def predict(
+    model: HyMaTE, normalizer: Normalizer, table: StayTable, max_events: int, device: str = "auto"
+) -> Predictions:
     target = select_device(device)
     loader = make_loader(StayDataset(table, normalizer, max_events), 64, shuffle=False)
     result = evaluate(model.to(target), loader, target)
@@ -32,7 +34,9 @@ def metric_rows(predictions: Predictions, n_resamples: int = 200, bootstrap_seed
     """One row per metric (AUROC, AUPRC, Brier, ECE) with its 95 % bootstrap interval."""
     rows = []
     for metric in METRICS:
-        interval = bootstrap_interval(metric, predictions.labels, predictions.probs, n_resamples=n_resamples, seed=bootstrap_seed)
+        interval = bootstrap_interval(
+            metric, predictions.labels, predictions.probs, n_resamples=n_resamples, seed=bootstrap_seed
+        )
         rows.append(
             keys
             | {

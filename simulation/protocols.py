@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hymate.centralized import train_centralized
-from hymate.data.batches import StayDataset, make_loader
 from hymate.data import concat_tables, load_dataset, split_stays
+from hymate.data.batches import StayDataset, make_loader
 from hymate.data.stays import StayTable
 from hymate.model import HyMaTE, ModelOptions
 from hymate.model_bundle import ModelBundle
@@ -90,7 +90,9 @@ class Experiment:
     def __init__(self, spec: SimulationSpec):
         self.spec = spec
         self.table = load_dataset(spec.dataset, spec.data, **spec.dataset_options)
-        rows = partition_stays(self.table, spec.partition, spec.sites, seed=spec.split_seed, min_size=spec.min_site_size)
+        rows = partition_stays(
+            self.table, spec.partition, spec.sites, seed=spec.split_seed, min_size=spec.min_site_size
+        )
         self.site_rows = rows
         self.sites: dict[str, SiteSplit] = {}
         for name, index in rows.items():
@@ -108,12 +110,16 @@ class Experiment:
         names = names or list(self.sites)
         return concat_tables([getattr(self.sites[n], part) for n in names], name=f"{self.table.name}-{part}")
 
-    def _score_everywhere(self, model: HyMaTE, normalizer, seed: int, protocol: str, strategy: str, train_sites: str) -> None:
+    def _score_everywhere(
+        self, model: HyMaTE, normalizer, seed: int, protocol: str, strategy: str, train_sites: str
+    ) -> None:
         max_events = self.spec.train.max_events
         tests = {name: s.test for name, s in self.sites.items()} | {"pooled": self._pooled("test")}
         for test_site, table in tests.items():
             p = predict(model, normalizer, table, max_events, self.spec.train.device)
-            self.result.rows += self._rows(p, seed, protocol=protocol, strategy=strategy, train_sites=train_sites, test_site=test_site)
+            self.result.rows += self._rows(
+                p, seed, protocol=protocol, strategy=strategy, train_sites=train_sites, test_site=test_site
+            )
 
     def _train_config(self, seed: int) -> TrainConfig:
         return dataclasses.replace(self.spec.train, seed=seed)
@@ -121,7 +127,9 @@ class Experiment:
     # -- protocols ------------------------------------------------------------------
 
     def centralized(self, seed: int) -> None:
-        result = train_centralized(self._pooled("train"), self._pooled("val"), {}, self.spec.model, self._train_config(seed))
+        result = train_centralized(
+            self._pooled("train"), self._pooled("val"), {}, self.spec.model, self._train_config(seed)
+        )
         self._score_everywhere(result.model, result.normalizer, seed, "centralized", "pooled", "all")
         self._remember_importance(result.model, result.normalizer)
 
@@ -143,13 +151,20 @@ class Experiment:
             bundle = self._federate(seed, others, f"loso-{held_out}-seed{seed}")
             p = predict(bundle.build(), bundle.normalizer, self.sites[held_out].test, self.spec.train.max_events)
             self.result.rows += self._rows(
-                p, seed, protocol="loso", strategy=self.spec.strategy.name, train_sites=f"all-but-{held_out}", test_site=held_out
+                p,
+                seed,
+                protocol="loso",
+                strategy=self.spec.strategy.name,
+                train_sites=f"all-but-{held_out}",
+                test_site=held_out,
             )
 
     def personalized(self, seed: int) -> None:
         bundle = self._bundles.get(seed) or self._federate(seed, list(self.sites), f"federated-seed{seed}")
         self._bundles[seed] = bundle
-        config = dataclasses.replace(self._train_config(seed), epochs=self.spec.personalize_epochs, patience=self.spec.personalize_epochs)
+        config = dataclasses.replace(
+            self._train_config(seed), epochs=self.spec.personalize_epochs, patience=self.spec.personalize_epochs
+        )
         for name, site in tqdm(self.sites.items(), desc=f"personalized (seed {seed}): sites", unit="site"):
             torch.manual_seed(seed)
             model = bundle.build()
@@ -158,7 +173,12 @@ class Experiment:
             fit(model, train, val, config, positive_class_weight(site.train.labels))
             p = predict(model, bundle.normalizer, site.test, config.max_events, config.device)
             self.result.rows += self._rows(
-                p, seed, protocol="personalized", strategy=self.spec.strategy.name, train_sites=f"all+{name}", test_site=name
+                p,
+                seed,
+                protocol="personalized",
+                strategy=self.spec.strategy.name,
+                train_sites=f"all+{name}",
+                test_site=name,
             )
 
     # -- federation -----------------------------------------------------------------
@@ -205,7 +225,7 @@ class Experiment:
 
     def _remember_importance(self, model: HyMaTE, normalizer) -> None:
         scores = variable_importance(model, normalizer, self._pooled("test"), self.spec.train.max_events)
-        self.result.importance = dict(zip(self.table.variables, (float(x) for x in scores)))
+        self.result.importance = dict(zip(self.table.variables, (float(x) for x in scores), strict=True))
 
     def run(self) -> ExperimentResult:
         order = [p for p in PROTOCOLS if p in self.spec.protocols]
@@ -217,7 +237,9 @@ class Experiment:
 
 
 def make_loader_for(table: StayTable, bundle: ModelBundle, config: TrainConfig, shuffle: bool) -> DataLoader:
-    return make_loader(StayDataset(table, bundle.normalizer, config.max_events), config.batch_size, shuffle, config.seed)
+    return make_loader(
+        StayDataset(table, bundle.normalizer, config.max_events), config.batch_size, shuffle, config.seed
+    )
 
 
 def _progress(bar: tqdm) -> Callable[[list[int]], None]:

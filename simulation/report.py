@@ -22,14 +22,24 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: simulations run on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from hymate.files import atomic_write_text, write_csv  # noqa: E402
 
 RESULT_COLUMNS = [
-    "protocol", "strategy", "train_sites", "test_site", "metric", "value", "ci_low", "ci_high", "n", "positives", "seed",
+    "protocol",
+    "strategy",
+    "train_sites",
+    "test_site",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n",
+    "positives",
+    "seed",
 ]
 
 
@@ -45,7 +55,11 @@ def curves_frame(runs: dict[str, Path]) -> pd.DataFrame:
         if csv.exists():
             frame = pd.read_csv(csv)
             frames.append(frame[frame["phase"] == "evaluate"].assign(run=label))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run", "round", "site", "metric", "value"])
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["run", "round", "site", "metric", "value"])
+    )
 
 
 def privacy_frame(runs: dict[str, Path]) -> pd.DataFrame:
@@ -63,7 +77,7 @@ def plot_curves(curves: pd.DataFrame, path: Path) -> bool:
     if data.empty:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-    for ax, metric in zip(axes, ("auroc", "auprc")):
+    for ax, metric in zip(axes, ("auroc", "auprc"), strict=True):
         part = data[data["metric"] == metric]
         for (run, site), line in part.groupby(["run", "site"]):
             style = {"linewidth": 2.5, "color": "black"} if site == "weighted-mean" else {"linewidth": 1, "alpha": 0.8}
@@ -86,10 +100,14 @@ def heatmap_matrix(results: pd.DataFrame, metric: str) -> pd.DataFrame:
     part = results[(results["metric"] == metric) & results["protocol"].isin(["local", "centralized", "federated"])]
     if part.empty:
         return pd.DataFrame()
-    part = part.assign(trained_on=np.where(part["protocol"] == "local", "local: " + part["train_sites"], part["protocol"]))
+    part = part.assign(
+        trained_on=np.where(part["protocol"] == "local", "local: " + part["train_sites"], part["protocol"])
+    )
     matrix = part.pivot_table(index="trained_on", columns="test_site", values="value", aggfunc="mean")
     sites = sorted(c for c in matrix.columns if c != "pooled") + (["pooled"] if "pooled" in matrix.columns else [])
-    order = sorted(i for i in matrix.index if i.startswith("local")) + [i for i in ("centralized", "federated") if i in matrix.index]
+    order = sorted(i for i in matrix.index if i.startswith("local")) + [
+        i for i in ("centralized", "federated") if i in matrix.index
+    ]
     return matrix.loc[order, sites]
 
 
@@ -102,7 +120,14 @@ def plot_heatmap(matrix: pd.DataFrame, metric: str, path: Path) -> bool:
     ax.set_yticks(range(matrix.shape[0]), matrix.index)
     for (i, j), value in np.ndenumerate(matrix.values):
         if np.isfinite(value):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < np.nanmean(matrix.values) else "black")
+            ax.text(
+                j,
+                i,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                color="white" if value < np.nanmean(matrix.values) else "black",
+            )
     ax.set_xlabel("tested on")
     ax.set_ylabel("trained on")
     ax.set_title(f"{metric.upper()}: trained on (rows) x tested on (columns)")
@@ -151,8 +176,15 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return header + "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in frame.itertuples(index=False))
 
 
-def write_report(out: Path, title: str, setup: dict, results: pd.DataFrame, sites: pd.DataFrame,
-                 runs: dict[str, Path], importance: dict[str, float]) -> Path:
+def write_report(
+    out: Path,
+    title: str,
+    setup: dict,
+    results: pd.DataFrame,
+    sites: pd.DataFrame,
+    runs: dict[str, Path],
+    importance: dict[str, float],
+) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "results.csv", results)
     write_csv(out / "sites.csv", sites)

@@ -6,6 +6,7 @@ has a deadline. Ports are free ones on 127.0.0.1, so tests never reach another m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,10 +31,8 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, poll: f
 
 
 def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
     try:
         process.wait(30)
     except subprocess.TimeoutExpired:
@@ -54,37 +53,74 @@ class Deployment:
         self.keys = self.root / "keys"
         subprocess.run(
             [BIN / "hymate-server", "init-certs", str(self.keys), "--sites", str(self.n_sites)],
-            check=True, capture_output=True, timeout=60,
+            check=True,
+            capture_output=True,
+            timeout=60,
         )
         self.run_dir = self.root / "run"
 
     def _start(self, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(self.root / log_name, "ab")
-        process = subprocess.Popen(
-            [str(a) for a in args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            # Several sites share two cores here: OpenMP threads that busy-wait for work would
-            # starve each other (a training step measured 5x slower), so they sleep instead.
-            env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})},
-        )
-        log.close()
+        with open(self.root / log_name, "ab") as log:
+            process = subprocess.Popen(
+                [str(a) for a in args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                # Several sites share two cores here: OpenMP threads that busy-wait for work would
+                # starve each other (a training step measured 5x slower), so they sleep instead.
+                env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})},
+            )
         self.processes.append(process)
         return process
 
     def start_server(self, *extra: str, resume: bool = False) -> subprocess.Popen:
         args = [
-            BIN / "hymate-server", "--run-dir", self.run_dir, "--address", f"127.0.0.1:{self.port}",
-            "--ssl-ca-certfile", self.keys / "ca.crt", "--ssl-certfile", self.keys / "server.crt",
-            "--ssl-keyfile", self.keys / "server.key", "--site-keys", self.keys / "sites",
-            "--d-model", "16", "--round-timeout", "90", "--wait-for-clients", "120", "--timeout", "600", "-v", *extra,
+            BIN / "hymate-server",
+            "--run-dir",
+            self.run_dir,
+            "--address",
+            f"127.0.0.1:{self.port}",
+            "--ssl-ca-certfile",
+            self.keys / "ca.crt",
+            "--ssl-certfile",
+            self.keys / "server.crt",
+            "--ssl-keyfile",
+            self.keys / "server.key",
+            "--site-keys",
+            self.keys / "sites",
+            "--d-model",
+            "16",
+            "--round-timeout",
+            "90",
+            "--wait-for-clients",
+            "120",
+            "--timeout",
+            "600",
+            "-v",
+            *extra,
         ]
         return self._start(args + (["--resume"] if resume else []), "server.log")
 
     def start_client(self, i: int, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         """Site ``i`` (1-based) holds the synthetic data's site-(i-1)."""
         args = [
-            BIN / "hymate-client", "--server", f"127.0.0.1:{self.port}", "--dataset", "synthetic",
-            "--site", f"site-{i - 1}", "--name", f"hospital-{i}", "--state-dir", self.state_dir(i),
-            "--root-cert", self.keys / "ca.crt", "--auth-key", self.keys / "sites" / f"site-{i}", "-v", *extra,
+            BIN / "hymate-client",
+            "--server",
+            f"127.0.0.1:{self.port}",
+            "--dataset",
+            "synthetic",
+            "--site",
+            f"site-{i - 1}",
+            "--name",
+            f"hospital-{i}",
+            "--state-dir",
+            self.state_dir(i),
+            "--root-cert",
+            self.keys / "ca.crt",
+            "--auth-key",
+            self.keys / "sites" / f"site-{i}",
+            "-v",
+            *extra,
         ]
         return self._start(args, f"client{i}.log", env)
 

@@ -24,7 +24,9 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plan(site):
-    return LocalPlan(ModelOptions(d_model=16, n_heads=2), MomentSums.from_table(site.train).to_normalizer(), batch_size=64)
+    return LocalPlan(
+        ModelOptions(d_model=16, n_heads=2), MomentSums.from_table(site.train).to_normalizer(), batch_size=64
+    )
 
 
 def test_a_plan_survives_its_flat_record(plan):
@@ -73,8 +75,15 @@ def test_local_training_moves_the_weights_and_evaluation_reports_metrics(site, p
 
 def _message(content: RecordDict, kind: str) -> Message:
     metadata = Metadata(
-        run_id=1, message_id="m", src_node_id=1, dst_node_id=0, reply_to_message_id="",
-        group_id="", created_at=time.time(), ttl=60.0, message_type=kind,
+        run_id=1,
+        message_id="m",
+        src_node_id=1,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=kind,
     )
     return Message(metadata=metadata, content=content)
 
@@ -122,8 +131,17 @@ def test_site_settings_name_the_missing_key():
 
 
 def test_hymate_client_checks_its_data_before_connecting(tmp_path, capsys):
-    args = ["--server", "127.0.0.1:1", "--dataset", "physionet2012", "--data", str(tmp_path / "nowhere"),
-            "--state-dir", str(tmp_path / "state"), "--insecure"]
+    args = [
+        "--server",
+        "127.0.0.1:1",
+        "--dataset",
+        "physionet2012",
+        "--data",
+        str(tmp_path / "nowhere"),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--insecure",
+    ]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "hymate-client: error:" in err and "nowhere" in err

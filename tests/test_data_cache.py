@@ -103,10 +103,7 @@ class CountingLoader:
         files = sorted(root.glob("*.txt"))
         summary.stays = len(files)
         summary.count("parsed_files", len(files))
-        stays = [
-            StayRecord(f.stem, f.stem, "s", 0, [1.0], [0.0], [1], [float(f.read_text())])
-            for f in files
-        ]
+        stays = [StayRecord(f.stem, f.stem, "s", 0, [1.0], [0.0], [1], [float(f.read_text())]) for f in files]
         return table_from_stays("raw", ["v"], ["a"], stays)
 
 

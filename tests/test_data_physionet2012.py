@@ -105,9 +105,7 @@ def test_parses_values_statics_labels_and_sites(tmp_path, caplog):
     np.testing.assert_array_equal(table.static[0], np.array([54, 0, np.nan, 4, 80.5], np.float32))
     np.testing.assert_array_equal(table.static[1], np.array([76, 1, 175.3, 2, np.nan], np.float32))
     # Interleaved statics are found; the second Weight at 00:00 is a time-series event.
-    np.testing.assert_array_equal(
-        table.static[2], np.array([35, 1, np.nan, np.nan, 70.8], np.float32)
-    )
+    np.testing.assert_array_equal(table.static[2], np.array([35, 1, np.nan, np.nan, 70.8], np.float32))
     times, ids, values = table.events(2)
     assert list(ids) == [vid("DiasABP"), vid("Weight"), vid("Temp")]
     np.testing.assert_allclose(values, [83, 70.4, 36.6], rtol=1e-6)
@@ -142,9 +140,7 @@ def test_by_set_and_combined_order(tmp_path):
 
 
 def test_outcome_without_record_is_counted(tmp_path):
-    root = write_p12(
-        tmp_path, outcomes=OUTCOMES + "132599,1,1,1,1,0\n"
-    )  # a partial copy of the set
+    root = write_p12(tmp_path, outcomes=OUTCOMES + "132599,1,1,1,1,0\n")  # a partial copy of the set
     summary = LoadSummary("p12")
     load_physionet2012(root, sets=("a",), summary=summary)
     assert summary.counts["outcomes_without_record"] == 1
@@ -227,9 +223,7 @@ def test_load_dataset_dispatch_and_cache(tmp_path):
     root = write_p12(tmp_path / "raw")
     summary = LoadSummary("p12")
     first = load_dataset("physionet2012", root, cache_dir=tmp_path / "cache", sets=("a",))
-    again = load_dataset(
-        "physionet2012", root, cache_dir=tmp_path / "cache", sets=("a",), summary=summary
-    )
+    again = load_dataset("physionet2012", root, cache_dir=tmp_path / "cache", sets=("a",), summary=summary)
     assert list(again.stay_ids) == list(first.stay_ids)
     np.testing.assert_array_equal(again.values, first.values)
     assert summary.counts["stays_without_events"] == 1  # the summary survives the cache

@@ -23,10 +23,7 @@ def table():
 
 
 def _tiny(n_stays: int, n_pos: int, site: str = "tiny"):
-    stays = [
-        StayRecord(f"s{i}", f"p{i}", site, int(i < n_pos), [], [0.5], [1], [1.0])
-        for i in range(n_stays)
-    ]
+    stays = [StayRecord(f"s{i}", f"p{i}", site, int(i < n_pos), [], [0.5], [1], [1.0]) for i in range(n_stays)]
     return table_from_stays("tiny", ["x"], [], stays)
 
 
@@ -64,9 +61,7 @@ def test_deterministic_and_order_independent(table):
     perm = np.random.default_rng(0).permutation(len(table))
     shuffled = split_stays(table.subset(perm), seed=7)
     for name in ("train", "val", "test"):
-        assert set(table.stay_ids[a.parts()[name]]) == set(
-            table.subset(perm).stay_ids[shuffled.parts()[name]]
-        )
+        assert set(table.stay_ids[a.parts()[name]]) == set(table.subset(perm).stay_ids[shuffled.parts()[name]])
 
 
 def test_site_split_does_not_depend_on_other_sites(table):

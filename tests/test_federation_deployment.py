@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import ssl
 import textwrap
 import time
 import urllib.error
@@ -79,9 +78,11 @@ def test_three_hospitals_train_over_tls_and_nothing_but_updates_leaves_them(depl
     parameter_shapes = {tuple(a.shape) for a in first.values()}
     for i in (1, 2, 3):
         data = open_site(SiteSettings(dataset="synthetic", site=f"site-{i - 1}", state_dir=d.state_dir(i)))
-        data_shapes = {
-            (len(t),) for t in (data.train, data.val, data.test)
-        } | {(t.n_events,) for t in (data.train, data.val, data.test)} | {t.static.shape for t in (data.train, data.val, data.test)}
+        data_shapes = (
+            {(len(t),) for t in (data.train, data.val, data.test)}
+            | {(t.n_events,) for t in (data.train, data.val, data.test)}
+            | {t.static.shape for t in (data.train, data.val, data.test)}
+        )
         sent = [json.loads(line) for line in (d.state_dir(i) / "outgoing.jsonl").read_text().splitlines()]
         assert [s["type"] for s in sent].count("train") == 2
         for message in sent:
@@ -124,7 +125,9 @@ def test_crash_resume_lost_hospital_and_privacy_budgets(deployment):
     assert (d.run_dir / "round-002" / "metrics.json").stat().st_mtime > restarted_at
 
     refusals = [r for r in second["rejected"] if r["site"] == "hospital-2"]
-    assert len(refusals) == 1 and "refused the round" in refusals[0]["reason"] and "privacy spend" in refusals[0]["reason"]
+    assert (
+        len(refusals) == 1 and "refused the round" in refusals[0]["reason"] and "privacy spend" in refusals[0]["reason"]
+    )
     eps_1, eps_2 = first["privacy"]["hospital-1"]["dp-epsilon"], second["privacy"]["hospital-1"]["dp-epsilon"]
     assert 0 < eps_1 < eps_2 <= 50  # the restarted site continued its spend
     ledger = json.loads((d.state_dir(1) / "privacy" / "ledger.json").read_text())

@@ -27,14 +27,21 @@ def pad_more(batch: Batch, extra: int) -> Batch:
         return torch.cat([t, torch.full((t.shape[0], extra), fill, dtype=t.dtype)], dim=1)
 
     return Batch(
-        grow(batch.times, 99.0), grow(batch.variables, 0), grow(batch.values, 123.0),
-        grow(batch.mask, False), batch.static, batch.static_mask, batch.label,
+        grow(batch.times, 99.0),
+        grow(batch.variables, 0),
+        grow(batch.values, 123.0),
+        grow(batch.mask, False),
+        batch.static,
+        batch.static_mask,
+        batch.label,
     )
 
 
 def small_model(backend: str = "torch", **kw) -> HyMaTE:
     torch.manual_seed(0)
-    config = HyMaTEConfig(n_variables=7, n_static=3, d_model=16, d_state=4, n_heads=2, dropout=0.0, scan_backend=backend, **kw)
+    config = HyMaTEConfig(
+        n_variables=7, n_static=3, d_model=16, d_state=4, n_heads=2, dropout=0.0, scan_backend=backend, **kw
+    )
     return HyMaTE(config).eval()
 
 
@@ -56,7 +63,9 @@ def test_a_stay_without_events_gets_a_finite_logit_from_its_static_features():
         logits = model(batch)
         changed = batch.static.clone()
         changed[0] += 1.0
-        logits_changed = model(Batch(batch.times, batch.variables, batch.values, batch.mask, changed, batch.static_mask, batch.label))
+        logits_changed = model(
+            Batch(batch.times, batch.variables, batch.values, batch.mask, changed, batch.static_mask, batch.label)
+        )
     assert torch.isfinite(logits).all()
     assert logits_changed[0] != logits[0]
     torch.testing.assert_close(logits_changed[1:], logits[1:])

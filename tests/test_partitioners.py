@@ -63,8 +63,19 @@ def test_dirichlet_label_skew_grows_as_alpha_shrinks(table):
 
 def test_quantity_skew_grows_as_alpha_shrinks(table):
     def size_spread(alpha):
-        return np.mean([np.std([len(r) for r in partition_stays(table, PartitionScheme("quantity", alpha), 4, seed=s, min_size=1).values()])
-                        for s in range(5)])
+        return np.mean(
+            [
+                np.std(
+                    [
+                        len(r)
+                        for r in partition_stays(
+                            table, PartitionScheme("quantity", alpha), 4, seed=s, min_size=1
+                        ).values()
+                    ]
+                )
+                for s in range(5)
+            ]
+        )
 
     assert size_spread(100.0) < size_spread(0.5)
 

@@ -8,7 +8,9 @@ from server.run_dir import RoundCheckpoint, RunDirectory, RunDirError, restore_s
 
 
 def checkpoint(r: int) -> RoundCheckpoint:
-    return RoundCheckpoint(r, {"w": np.full((2, 2), r, np.float32)}, {"momentum": r}, {"round": r, "train": {"loss": 1.0 / r}})
+    return RoundCheckpoint(
+        r, {"w": np.full((2, 2), r, np.float32)}, {"momentum": r}, {"round": r, "train": {"loss": 1.0 / r}}
+    )
 
 
 def test_rounds_round_trip_and_history_is_in_order(tmp_path):

@@ -12,8 +12,15 @@ from server.screening import screen_replies
 
 def reply(node: int, content: RecordDict | None = None, error: Error | None = None, kind: str = "train") -> Message:
     metadata = Metadata(
-        run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
-        group_id="1", created_at=time.time(), ttl=60.0, message_type=kind,
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=kind,
     )
     return Message(metadata=metadata, content=content) if error is None else Message(metadata=metadata, error=error)
 
@@ -22,7 +29,10 @@ GLOBAL = ArrayRecord({"w": Array(np.zeros((3, 2), np.float32)), "b": Array(np.ze
 
 
 def update(w=None, b=None, n=10, site="h1", extra_metrics=None) -> RecordDict:
-    arrays = {"w": w if w is not None else np.ones((3, 2), np.float32), "b": b if b is not None else np.ones(2, np.float32)}
+    arrays = {
+        "w": w if w is not None else np.ones((3, 2), np.float32),
+        "b": b if b is not None else np.ones(2, np.float32),
+    }
     return RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
@@ -56,9 +66,14 @@ def test_malformed_or_poisoned_updates_are_rejected_with_the_reason(content, rea
 
 
 def test_wrong_keys_and_error_replies_are_rejected():
-    missing = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones((3, 2), np.float32))}), "metrics": MetricRecord({"num-examples": 3})})
+    missing = RecordDict(
+        {"arrays": ArrayRecord({"w": Array(np.ones((3, 2), np.float32))}), "metrics": MetricRecord({"num-examples": 3})}
+    )
     accepted, rejected = screen_replies(
-        [reply(1, missing), reply(2, error=Error(code=2, reason="ClientApp raised SiteFailure"))], "train", GLOBAL, {2: "h2"}
+        [reply(1, missing), reply(2, error=Error(code=2, reason="ClientApp raised SiteFailure"))],
+        "train",
+        GLOBAL,
+        {2: "h2"},
     )
     assert accepted == []
     assert "missing ['b']" in rejected[0].reason
@@ -66,7 +81,9 @@ def test_wrong_keys_and_error_replies_are_rejected():
 
 
 def test_a_refused_round_is_a_rejection_naming_the_reason():
-    refused = RecordDict({"metrics": MetricRecord({"num-examples": 1}), "refused": ConfigRecord({"reason": "privacy budget exhausted"})})
+    refused = RecordDict(
+        {"metrics": MetricRecord({"num-examples": 1}), "refused": ConfigRecord({"reason": "privacy budget exhausted"})}
+    )
     _, rejected = screen_replies([reply(1, refused)], "train", GLOBAL, {})
     assert rejected[0].reason == "site refused the round: privacy budget exhausted"
 
@@ -74,7 +91,9 @@ def test_a_refused_round_is_a_rejection_naming_the_reason():
 def test_evaluation_replies_may_lack_auroc_at_a_one_class_site_and_the_mean_skips_it():
     good = RecordDict({"metrics": MetricRecord({"num-examples": 30, "auroc": 0.8, "loss": 0.5})})
     one_class = RecordDict({"metrics": MetricRecord({"num-examples": 10, "auroc": float("nan"), "loss": 0.3})})
-    accepted, rejected = screen_replies([reply(1, good, kind="evaluate"), reply(2, one_class, kind="evaluate")], "evaluate", None, {})
+    accepted, rejected = screen_replies(
+        [reply(1, good, kind="evaluate"), reply(2, one_class, kind="evaluate")], "evaluate", None, {}
+    )
     assert len(accepted) == 2 and rejected == []
     means = weighted_means(accepted)
     assert means["auroc"] == pytest.approx(0.8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -35,9 +36,13 @@ def test_a_short_simulation_writes_results_plots_and_report(tmp_path, capsys):
     assert set(results["metric"]) == metrics
     assert len(results) == 4 * (len(tests) + len(tests) + len(sites) * len(tests))  # federated + centralized + local
     fed = results[results["protocol"] == "federated"]
-    assert set(fed["test_site"]) == set(tests) and set(fed["train_sites"]) == {"all"} and set(fed["strategy"]) == {"fedavg"}
+    assert (
+        set(fed["test_site"]) == set(tests)
+        and set(fed["train_sites"]) == {"all"}
+        and set(fed["strategy"]) == {"fedavg"}
+    )
     local = results[results["protocol"] == "local"]
-    assert set(zip(local["train_sites"], local["test_site"])) == {(a, b) for a in sites for b in tests}
+    assert set(zip(local["train_sites"], local["test_site"], strict=True)) == {(a, b) for a in sites for b in tests}
     auroc = results[results["metric"] == "auroc"]
     assert auroc["value"].between(0, 1).all()
     assert (auroc["ci_low"] <= auroc["value"]).all() and (auroc["value"] <= auroc["ci_high"]).all()
@@ -51,7 +56,12 @@ def test_a_short_simulation_writes_results_plots_and_report(tmp_path, capsys):
         data = (out / png).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 5_000, png
     report = (out / "report.md").read_text()
-    for section in ("Discrimination and calibration", "Cross-site generalisation", "round by round", "What the model looks at"):
+    for section in (
+        "Discrimination and calibration",
+        "Cross-site generalisation",
+        "round by round",
+        "What the model looks at",
+    ):
         assert section in report
     importance = pd.read_csv(out / "importance.csv")
     assert len(importance) == 14 and importance["importance"].sum() == pytest.approx(1.0, abs=1e-3)
@@ -60,7 +70,16 @@ def test_a_short_simulation_writes_results_plots_and_report(tmp_path, capsys):
 @pytest.mark.timeout(120)
 def test_an_unreachable_ray_cluster_ends_the_run_with_an_error_in_bounded_time(tmp_path, capsys):
     start = time.monotonic()
-    args = SMALL + ["--rounds", "1", "--ray-address", f"127.0.0.1:{free_port()}", "--timeout", "45", "--out", str(tmp_path)]
+    args = SMALL + [
+        "--rounds",
+        "1",
+        "--ray-address",
+        f"127.0.0.1:{free_port()}",
+        "--timeout",
+        "45",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(args) == 2
     assert "hymate-sim: error:" in capsys.readouterr().err
     assert time.monotonic() - start < 100
@@ -87,19 +106,21 @@ ip link set lo up
 export RAY_TMPDIR={ray_tmp} RAY_USAGE_STATS_ENABLED=0
 {Path(sys.executable).parent}/ray start --head --node-ip-address=127.0.0.1 --port=6380 --num-cpus=2 \\
     --include-dashboard=false --disable-usage-stats > {tmp_path}/ray.log 2>&1
-{sys.executable} -m simulation.cli {' '.join(SMALL)} --rounds 1 --ray-address 127.0.0.1:6380 --timeout 240 --out {out}
+{sys.executable} -m simulation.cli {" ".join(SMALL)} --rounds 1 --ray-address 127.0.0.1:6380 --timeout 240 --out {out}
 ls {ray_tmp}/ray/session_latest/logs > {tmp_path}/ray_logs.txt
 """
-    process = subprocess.Popen(["unshare", "--net", "--pid", "--fork", "--mount-proc", "bash", "-c", script],
-                               start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        ["unshare", "--net", "--pid", "--fork", "--mount-proc", "bash", "-c", script],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         output, _ = process.communicate(timeout=360)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert process.returncode == 0, output[-3000:]
     # The simulation's driver connected to this head: its log sits in the head's session.

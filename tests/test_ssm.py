@@ -30,9 +30,7 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 def backend_param(name: str):
     return pytest.param(
         name,
-        marks=pytest.mark.skipif(
-            name not in available_backends(), reason=f"backend {name} not available here"
-        ),
+        marks=pytest.mark.skipif(name not in available_backends(), reason=f"backend {name} not available here"),
     )
 
 
@@ -88,9 +86,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run_with_grads(fn, inputs, weights, device="cpu"):
     """Forward y and last state, then gradients of a fixed random linear loss of both."""
-    leaves = {
-        k: None if v is None else v.detach().to(device).requires_grad_() for k, v in inputs.items()
-    }
+    leaves = {k: None if v is None else v.detach().to(device).requires_grad_() for k, v in inputs.items()}
     y, last = fn(**leaves)
     loss = (y.double() * weights[0].to(device)).sum()
     loss = loss + (last.double() * weights[1].to(device)).sum()
@@ -108,9 +104,7 @@ def check_against_reference(backend, inputs, softplus, dtype):
     )
     device = "cuda" if backend == "cuda" else "cpu"
     y, last, grads = run_with_grads(
-        lambda **kw: selective_scan(
-            **kw, delta_softplus=softplus, return_last_state=True, backend=backend
-        ),
+        lambda **kw: selective_scan(**kw, delta_softplus=softplus, return_last_state=True, backend=backend),
         inputs,
         weights,
         device,
@@ -189,9 +183,7 @@ def test_grad_sink_gives_per_sample_gradients(backend, with_d):
     def grads_of_A_and_D(sample: slice, sink: ScanGradSink | None):
         A = inputs["A"].clone().requires_grad_()
         D = None if inputs["D"] is None else inputs["D"].clone().requires_grad_()
-        per_sample = {
-            k: inputs[k][sample] for k in ("u", "delta", "B", "C", "z") if inputs[k] is not None
-        }
+        per_sample = {k: inputs[k][sample] for k in ("u", "delta", "B", "C", "z") if inputs[k] is not None}
         y = selective_scan(
             A=A, D=D, delta_bias=inputs["delta_bias"], delta_softplus=True,
             backend=backend, grad_sink=sink, **per_sample,
@@ -230,9 +222,7 @@ def test_cpu_backend_saves_only_chunk_checkpoints():
     """Beyond its inputs the cpu backend keeps only the states at chunk starts for backward;
     the eager torch backend keeps O(batch * d * n * L)."""
     batch, dim, n, length = 2, 8, 16, 1000
-    inputs = {
-        k: v.requires_grad_() for k, v in make_inputs(batch, dim, n, length, torch.float32).items()
-    }
+    inputs = {k: v.requires_grad_() for k, v in make_inputs(batch, dim, n, length, torch.float32).items()}
 
     def saved_numel(backend: str) -> int:
         sizes = []

@@ -70,6 +70,20 @@ def test_module_class_reference_must_be_a_strategy():
 
 
 def test_available_names_cover_the_design():
-    expected = {"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian", "fedtrimmedavg",
-                "krum", "multikrum", "bulyan", "qfedavg", "dp-fixed", "dp-adaptive"}
+    expected = {
+        "fedavg",
+        "fedprox",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "fedavgm",
+        "fedmedian",
+        "fedtrimmedavg",
+        "krum",
+        "multikrum",
+        "bulyan",
+        "qfedavg",
+        "dp-fixed",
+        "dp-adaptive",
+    }
     assert set(available()) == expected

@@ -55,9 +55,7 @@ DEFAULT_CACHE_DIR = PROJECT_ROOT / ".cache" / "parsed"
 DEFAULT_RAW_DIR = PROJECT_ROOT / ".cache" / "data"
 
 
-def _synthetic(
-    root: Path | None, cache_dir: Path | None, summary: LoadSummary, **options: Any
-) -> StayTable:
+def _synthetic(root: Path | None, cache_dir: Path | None, summary: LoadSummary, **options: Any) -> StayTable:
     """Options are SyntheticConfig fields (or ``config=SyntheticConfig(...)``); no cache."""
     config = options.pop("config", None)
     if config is not None and options:
@@ -136,9 +134,7 @@ def load_dataset(
     try:
         loader = DATASETS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}"
-        ) from None
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}") from None
     summary = summary if summary is not None else LoadSummary(source=name)
     return loader(
         Path(root) if root is not None else None,

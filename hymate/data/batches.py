@@ -154,9 +154,7 @@ class LengthBucketSampler(Sampler[list[int]]):
         return iter(batches)
 
 
-def make_loader(
-    dataset: StayDataset, batch_size: int, shuffle: bool, seed: int = 0
-) -> DataLoader:
+def make_loader(dataset: StayDataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
     """A DataLoader of padded, length-bucketed batches (in-process: workers cost more than they save here)."""
     sampler = LengthBucketSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_stays)

@@ -92,9 +92,7 @@ class MomentSums:
                     f"cannot merge sums over {other.n_variables} variables/{other.n_static} "
                     f"statics with {first.n_variables}/{first.n_static}"
                 )
-        return MomentSums(
-            **{name: np.sum([getattr(s, name) for s in sums], axis=0) for name in MOMENT_ARRAYS}
-        )
+        return MomentSums(**{name: np.sum([getattr(s, name) for s in sums], axis=0) for name in MOMENT_ARRAYS})
 
     def __add__(self, other: MomentSums) -> MomentSums:
         return MomentSums.merge(self, other)
@@ -117,12 +115,8 @@ class MomentSums:
 
     def to_normalizer(self, min_std: float = 1e-3, clip: float = 8.0) -> Normalizer:
         """Means and stds from the sums; robust to noised sums (count <= 0, negative variance)."""
-        value_mean, value_std = _mean_std(
-            self.value_count, self.value_sum, self.value_sumsq, min_std
-        )
-        static_mean, static_std = _mean_std(
-            self.static_count, self.static_sum, self.static_sumsq, min_std
-        )
+        value_mean, value_std = _mean_std(self.value_count, self.value_sum, self.value_sumsq, min_std)
+        static_mean, static_std = _mean_std(self.static_count, self.static_sum, self.static_sumsq, min_std)
         return Normalizer(
             value_mean=np.concatenate([[0.0], value_mean]),
             value_std=np.concatenate([[1.0], value_std]),
@@ -132,9 +126,7 @@ class MomentSums:
         )
 
 
-def _mean_std(
-    count: np.ndarray, total: np.ndarray, sumsq: np.ndarray, min_std: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _mean_std(count: np.ndarray, total: np.ndarray, sumsq: np.ndarray, min_std: float) -> tuple[np.ndarray, np.ndarray]:
     seen = count > 0
     safe = np.where(seen, count, 1.0)
     mean = np.where(seen, total / safe, 0.0)

@@ -161,9 +161,7 @@ def parse_record(
         try:
             value = float(value_text)
         except ValueError:
-            raise DataError(
-                f"{path}:{lineno}: value {value_text!r} of {name or 'the row'} is not a number"
-            ) from None
+            raise DataError(f"{path}:{lineno}: value {value_text!r} of {name or 'the row'} is not a number") from None
         if not isfinite(value):
             raise DataError(f"{path}:{lineno}: value {value_text!r} of {name} is not finite")
 
@@ -200,9 +198,7 @@ def parse_record(
         n_unknown += 1
         if name not in warned:
             warned.add(name)
-            logger.warning(
-                "%s:%d: unknown parameter %r skipped (and any later rows of it)", path, lineno, name
-            )
+            logger.warning("%s:%d: unknown parameter %r skipped (and any later rows of it)", path, lineno, name)
 
     if record_id is None:
         raise DataError(f"{path}: no RecordID row (expected '00:00,RecordID,<id>')")
@@ -245,10 +241,7 @@ def read_outcomes(path: Path) -> dict[str, int]:
             raise DataError(f"{path}:{lineno}: RecordID {record_id!r} is not an integer")
         record_id = str(int(record_id))
         if label not in ("0", "1"):
-            raise DataError(
-                f"{path}:{lineno}: {LABEL_COLUMN} of record {record_id} is {label!r}, "
-                "expected 0 or 1"
-            )
+            raise DataError(f"{path}:{lineno}: {LABEL_COLUMN} of record {record_id} is {label!r}, expected 0 or 1")
         if record_id in labels:
             raise DataError(f"{path}:{lineno}: record {record_id} listed twice")
         labels[record_id] = int(label)
@@ -268,11 +261,7 @@ def _check_sets(sets: Iterable[str]) -> tuple[str, ...]:
 def table_name(sets: Sequence[str]) -> str:
     """'physionet2012' for all three sets, else e.g. 'physionet2012-a' or 'physionet2012-bc'."""
     sets = _check_sets(sets)
-    return (
-        "physionet2012"
-        if sorted(sets) == list(PHYSIONET2012_SETS)
-        else ("physionet2012-" + "".join(sets))
-    )
+    return "physionet2012" if sorted(sets) == list(PHYSIONET2012_SETS) else ("physionet2012-" + "".join(sets))
 
 
 def _load_set(
@@ -295,15 +284,11 @@ def _load_set(
     for path in files:
         record = parse_record(path, summary, time_cache, warned)
         if record.record_id in file_of:
-            raise DataError(
-                f"{path}: RecordID {record.record_id} already read from {file_of[record.record_id]}"
-            )
+            raise DataError(f"{path}: RecordID {record.record_id} already read from {file_of[record.record_id]}")
         file_of[record.record_id] = path
         label = labels.pop(record.record_id, None)
         if label is None:
-            raise DataError(
-                f"{outcomes_path}: no outcome for record {record.record_id} (file {path})"
-            )
+            raise DataError(f"{outcomes_path}: no outcome for record {record.record_id} (file {path})")
         icu_type = record.static[_ICUTYPE_STATIC]
         if math.isnan(icu_type):
             summary.count("missing_icutype")
@@ -333,9 +318,7 @@ def _load_set(
             folder,
             next(iter(labels)),
         )
-    return table_from_stays(
-        f"physionet2012-{set_name}", PHYSIONET2012_VARIABLES, PHYSIONET2012_STATIC, stays
-    )
+    return table_from_stays(f"physionet2012-{set_name}", PHYSIONET2012_VARIABLES, PHYSIONET2012_STATIC, stays)
 
 
 def load_physionet2012_by_set(

@@ -94,8 +94,7 @@ def split_stays(
     multi_site = np.flatnonzero(row_site != patient_site[patient_of_row])
     if len(multi_site):
         logger.warning(
-            "%s: %d stays belong to patients first seen at another site; each patient is "
-            "kept in one split",
+            "%s: %d stays belong to patients first seen at another site; each patient is kept in one split",
             table.name,
             len(multi_site),
         )

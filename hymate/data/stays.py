@@ -38,9 +38,7 @@ class LoadSummary:
 
     def __str__(self) -> str:
         extra = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items()))
-        return f"{self.source}: {self.stays} stays, {self.events} events" + (
-            f" ({extra})" if extra else ""
-        )
+        return f"{self.source}: {self.stays} stays, {self.events} events" + (f" ({extra})" if extra else "")
 
 
 @dataclass(frozen=True)
@@ -126,25 +124,18 @@ class StayTable:
         n = len(self.stay_ids)
         for name in ("patient_ids", "sites", "labels"):
             if len(getattr(self, name)) != n:
-                raise DataError(
-                    f"{self.name}: {name} has {len(getattr(self, name))} rows, expected {n}"
-                )
+                raise DataError(f"{self.name}: {name} has {len(getattr(self, name))} rows, expected {n}")
         if self.static.shape != (n, len(self.static_names)):
             raise DataError(
-                f"{self.name}: static has shape {self.static.shape}, "
-                f"expected {(n, len(self.static_names))}"
+                f"{self.name}: static has shape {self.static.shape}, expected {(n, len(self.static_names))}"
             )
         offsets = self.offsets
         if offsets.shape != (n + 1,) or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
-            raise DataError(
-                f"{self.name}: offsets must be non-decreasing, start at 0, length N + 1"
-            )
+            raise DataError(f"{self.name}: offsets must be non-decreasing, start at 0, length N + 1")
         e = int(self.offsets[-1])
         for name in ("times", "variable_ids", "values"):
             if len(getattr(self, name)) != e:
-                raise DataError(
-                    f"{self.name}: {name} has {len(getattr(self, name))} events, expected {e}"
-                )
+                raise DataError(f"{self.name}: {name} has {len(getattr(self, name))} events, expected {e}")
         if not np.isin(self.labels, (0, 1)).all():
             bad = self.stay_ids[~np.isin(self.labels, (0, 1))][:3]
             raise DataError(f"{self.name}: labels must be 0 or 1 (stays {list(bad)} are not)")
@@ -202,9 +193,7 @@ def table_from_stays(
     # Sort each stay's events by time (stable, so simultaneous events keep file order).
     stay_of_event = np.repeat(np.arange(len(stays)), lengths)
     order = np.lexsort((times, stay_of_event))
-    static = (
-        np.array([s.static for s in stays], dtype=np.float32).reshape(len(stays), len(static_names))
-    )
+    static = np.array([s.static for s in stays], dtype=np.float32).reshape(len(stays), len(static_names))
     return StayTable(
         name=name,
         variables=tuple(variables),

@@ -203,9 +203,7 @@ def _make_site(config: SyntheticConfig, k: int, site: SiteProfile) -> _SiteArray
     # Patients: most have one stay; readmissions reuse an earlier patient of the same site.
     n_readmit = int(round(config.readmission_rate * n))
     n_patients = n - n_readmit
-    patient = np.concatenate(
-        [np.arange(n_patients), rng.choice(n_patients, size=n_readmit, replace=False)]
-    )
+    patient = np.concatenate([np.arange(n_patients), rng.choice(n_patients, size=n_readmit, replace=False)])
     first = np.arange(n) < n_patients
 
     age_p = np.clip(rng.normal(64.0 + site.age_shift, 16.0, n_patients), 18, 95)
@@ -219,20 +217,12 @@ def _make_site(config: SyntheticConfig, k: int, site: SiteProfile) -> _SiteArray
     weight = np.round(weight_p[patient] + np.where(first, 0.0, rng.normal(0, 2, n)), 1)
     redraw = np.where(first, 0.0, 1.0)  # a readmission is correlated with, not equal to, stay 1
     severity = severity_p[patient] * (1 - 0.3 * redraw) + redraw * rng.normal(0, 0.7, n)
-    renal = 0.5 * severity + 0.85 * (
-        renal_p[patient] * (1 - 0.3 * redraw) + redraw * rng.normal(0, 0.7, n)
-    )
+    renal = 0.5 * severity + 0.85 * (renal_p[patient] * (1 - 0.3 * redraw) + redraw * rng.normal(0, 0.7, n))
     age_z = (age - 64.0) / 16.0
 
     deteriorates = rng.random(n) < _sigmoid(-1.6 + 0.9 * severity)
     onset = rng.uniform(0.35 * horizon, 0.9 * horizon, n)
-    risk = (
-        1.2 * severity
-        + 0.5 * age_z
-        + 0.4 * severity * age_z
-        + 1.8 * deteriorates
-        + 0.8 * renal * (age >= 70)
-    )
+    risk = 1.2 * severity + 0.5 * age_z + 0.4 * severity * age_z + 1.8 * deteriorates + 0.8 * renal * (age >= 70)
     intercept = _solve_intercept(risk, site.prevalence)
     labels = (rng.random(n) < _sigmoid(risk + intercept)).astype(np.int8)
 
@@ -274,9 +264,7 @@ def _make_site(config: SyntheticConfig, k: int, site: SiteProfile) -> _SiteArray
     shift = np.array([s.deterioration for s in specs])
     ramp = np.clip((times - onset[stay]) / 6.0, 0.0, 1.0) * deteriorates[stay]
     values = (
-        mean[var]
-        + between[var] * (level[stay, var] + shift[var] * ramp)
-        + noise[var] * rng.normal(0.0, 1.0, len(var))
+        mean[var] + between[var] * (level[stay, var] + shift[var] * ramp) + noise[var] * rng.normal(0.0, 1.0, len(var))
     )
     lo, hi = np.array([s.lo for s in specs]), np.array([s.hi for s in specs])
     values = np.clip(values, lo[var], hi[var])
@@ -324,10 +312,7 @@ def make_synthetic(config: SyntheticConfig | None = None) -> StayTable:
         stay_ids=np.concatenate([p.stay_ids for p in parts]),
         patient_ids=np.concatenate([p.patient_ids for p in parts]),
         sites=np.concatenate(
-            [
-                np.full(len(p.labels), prof.name, dtype=object)
-                for p, prof in zip(parts, profiles, strict=True)
-            ]
+            [np.full(len(p.labels), prof.name, dtype=object) for p, prof in zip(parts, profiles, strict=True)]
         ),
         labels=np.concatenate([p.labels for p in parts]),
         static=np.concatenate([p.static for p in parts]),

@@ -90,9 +90,7 @@ def _why_not(backend: str, u: Tensor, wrapped: bool, grad_sink: ScanGradSink | N
     return ""
 
 
-def resolve_backend(
-    backend: str = "auto", *tensors: Tensor | None, grad_sink: ScanGradSink | None = None
-) -> str:
+def resolve_backend(backend: str = "auto", *tensors: Tensor | None, grad_sink: ScanGradSink | None = None) -> str:
     """The backend that runs a scan over ``tensors`` (u first): "cpu", "torch" or "cuda".
 
     "auto" takes the first of cuda, cpu, torch that can run the call: the fused kernels are

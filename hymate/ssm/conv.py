@@ -11,9 +11,7 @@ ACTIVATIONS = (None, "silu", "swish")
 FUSED_WIDTHS = (2, 3, 4)  # the kernel widths causal_conv1d's CUDA kernel is built for
 
 
-def causal_conv1d(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None
-) -> Tensor:
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
     """y[b, c, t] = act(bias[c] + sum_j weight[c, j] * x[b, c, t - k + 1 + j]), zeros before t=0.
 
     x: (batch, channels, L); weight: (channels, k); bias: (channels,); activation: None,

@@ -57,9 +57,7 @@ def selective_scan_torch(
 
     h = u.new_zeros(batch, dim, A.shape[-1])
     ys = []
-    for u_t, dt_t, B_t, C_t in zip(
-        u.unbind(-1), delta.unbind(-1), B.unbind(-1), C.unbind(-1), strict=True
-    ):
+    for u_t, dt_t, B_t, C_t in zip(u.unbind(-1), delta.unbind(-1), B.unbind(-1), C.unbind(-1), strict=True):
         decay = torch.exp(dt_t.unsqueeze(-1) * A)  # (batch, d, n)
         h = torch.addcmul((dt_t * u_t).unsqueeze(-1) * B_t.unsqueeze(1), decay, h)
         ys.append(torch.bmm(h, C_t.unsqueeze(-1)).squeeze(-1))  # (batch, d)
