@@ -47,6 +47,12 @@ def build_run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--min-clients", type=int, default=d.min_clients, help="sites that must reply in every round")
+    p.add_argument(
+        "--min-connected",
+        type=int,
+        default=d.min_connected,
+        help="sites to wait for before each round (default: --min-clients)",
+    )
     p.add_argument("--round-timeout", type=float, default=d.round_timeout, help="seconds to wait for replies per round")
     p.add_argument(
         "--wait-for-clients", type=float, default=d.wait_for_clients, help="seconds to wait for enough sites"
@@ -95,6 +101,7 @@ def run_config(args: argparse.Namespace) -> dict:
         "strategy-options": " ".join(args.strategy_option),
         "num-server-rounds": args.rounds,
         "min-clients": args.min_clients,
+        "min-connected": args.min_connected,
         "run-dir": str(args.run_dir.resolve()),
         "resume": args.resume,
         "round-timeout": args.round_timeout,

@@ -27,7 +27,7 @@ from hymate.model import HyMaTE
 from hymate.model_bundle import ModelBundle
 from server.model_card import write_final_outputs
 from server.run_dir import RoundCheckpoint, RunDirectory, restore_strategy_state, strategy_state
-from server.screening import Rejection, screen_replies, site_of
+from server.screening import Rejection, screen_replies, silent_sites, site_of
 from server.settings import ServerSettings
 from strategies.registry import build_strategy
 
@@ -122,7 +122,7 @@ class Federation:
         s = self.settings
         self.run_dir.prepare(resume=s.resume)
         done = self.run_dir.completed_rounds() if s.resume else []
-        wait_for_sites(self.grid, s.min_clients, s.wait_for_clients)
+        wait_for_sites(self.grid, s.sites_to_wait_for, s.wait_for_clients)
         if done:
             facts = FederationFacts(**self.run_dir.read_federation()["facts"])
             checkpoint = self.run_dir.read_round(done[-1])
@@ -186,12 +186,13 @@ class Federation:
     ) -> dict[str, np.ndarray]:
         s = self.settings
         start = time.monotonic()
-        wait_for_sites(self.grid, s.min_clients, s.wait_for_clients)
+        wait_for_sites(self.grid, s.sites_to_wait_for, s.wait_for_clients)
         global_arrays = to_record(weights)
 
         messages = list(self.strategy.configure_train(server_round, global_arrays, ConfigRecord(plan), self.grid))
         replies_train = list(self.grid.send_and_receive(messages, timeout=s.round_timeout))
         trained, rejected = screen_replies(replies_train, "train", global_arrays, self.sites)
+        rejected += silent_sites(messages, replies_train, "train", self.sites, s.round_timeout)
         self._require_enough(server_round, "train", trained, rejected)
         new_arrays, _ = self.strategy.aggregate_train(server_round, trained)
         if new_arrays is None:
@@ -201,6 +202,7 @@ class Federation:
         messages = list(self.strategy.configure_evaluate(server_round, new_arrays, ConfigRecord(plan), self.grid))
         replies = list(self.grid.send_and_receive(messages, timeout=s.round_timeout))
         evaluated, eval_rejected = screen_replies(replies, "evaluate", None, self.sites)
+        eval_rejected += silent_sites(messages, replies, "evaluate", self.sites, s.round_timeout)
         if evaluated:
             self.strategy.aggregate_evaluate(server_round, evaluated)
         rejected += eval_rejected

@@ -78,6 +78,18 @@ def _problem(message: Message, reference: ArrayRecord | None) -> str | None:
     return None
 
 
+def silent_sites(
+    sent: Iterable[Message], replies: Iterable[Message], phase: str, sites: dict[int, str], timeout: float
+) -> list[Rejection]:
+    """Sites that were asked but did not answer in time (gone, restarting, or too slow), so a
+    round's record names every site that was asked and not only the ones that answered."""
+    answered = {reply.metadata.src_node_id for reply in replies}
+    return [
+        Rejection(node, sites.get(node, f"node-{node}"), phase, f"no reply within {timeout:.0f} s")
+        for node in sorted({message.metadata.dst_node_id for message in sent} - answered)
+    ]
+
+
 def screen_replies(
     replies: Iterable[Message], phase: str, reference: ArrayRecord | None, sites: dict[int, str]
 ) -> tuple[list[Message], list[Rejection]]:

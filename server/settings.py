@@ -26,6 +26,10 @@ class ServerSettings:
     strategy: StrategySpec = field(default_factory=StrategySpec)
     rounds: int = 3
     min_clients: int = 2
+    #: Sites that must be connected before the query and each round start (0: min_clients).
+    #: Above min_clients, a round waits for sites that are expected back (after a coordinator
+    #: restart, say) while still closing with min_clients replies.
+    min_connected: int = 0
     run_dir: Path = Path("runs/federation")
     resume: bool = False
     round_timeout: float = 600.0
@@ -46,6 +50,12 @@ class ServerSettings:
         for name in ("round_timeout", "wait_for_clients", "learning_rate"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.min_connected < 0:
+            raise SettingsError(f"min-connected must not be negative, got {self.min_connected}")
+
+    @property
+    def sites_to_wait_for(self) -> int:
+        return max(self.min_clients, self.min_connected)
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> ServerSettings:
@@ -75,6 +85,7 @@ class ServerSettings:
             strategy=StrategySpec.parse(get("strategy", "fedavg"), get("strategy-options", "")),
             rounds=get("num-server-rounds", defaults.rounds),
             min_clients=get("min-clients", defaults.min_clients),
+            min_connected=get("min-connected", defaults.min_connected),
             run_dir=get("run-dir", defaults.run_dir),
             resume=get("resume", defaults.resume),
             round_timeout=get("round-timeout", defaults.round_timeout),

@@ -7,15 +7,17 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from server.federation import weighted_means
-from server.screening import screen_replies
+from server.screening import screen_replies, silent_sites
 
 
-def reply(node: int, content: RecordDict | None = None, error: Error | None = None, kind: str = "train") -> Message:
+def reply(
+    node: int, content: RecordDict | None = None, error: Error | None = None, kind: str = "train", to: int = 0
+) -> Message:
     metadata = Metadata(
         run_id=1,
         message_id=f"m{node}",
         src_node_id=node,
-        dst_node_id=0,
+        dst_node_id=to,
         reply_to_message_id="x",
         group_id="1",
         created_at=time.time(),
@@ -98,3 +100,12 @@ def test_evaluation_replies_may_lack_auroc_at_a_one_class_site_and_the_mean_skip
     means = weighted_means(accepted)
     assert means["auroc"] == pytest.approx(0.8)
     assert means["loss"] == pytest.approx((30 * 0.5 + 10 * 0.3) / 40)
+
+
+def test_sites_asked_but_silent_are_named_with_the_wait():
+    sent = [reply(0, update(), to=node) for node in (1, 2, 3)]
+    silent = silent_sites(sent, [reply(2, update())], "train", {1: "h1", 3: "h3"}, timeout=600)
+    assert [(r.node_id, r.site, r.phase, r.reason) for r in silent] == [
+        (1, "h1", "train", "no reply within 600 s"),
+        (3, "h3", "train", "no reply within 600 s"),
+    ]
