@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from client.local_norms import load_local_norms, save_local_norms
 from client.site import LocalData
 from hymate.data.batches import StayDataset, make_loader
 from hymate.local_plan import LocalPlan
@@ -98,6 +99,8 @@ def train_locally(
     torch.manual_seed(seed)
     model = build_model(plan, data)
     load_checked(model, arrays)
+    if plan.local_norms:
+        load_local_norms(model, data.settings.state_dir)
     device = select_device(config.device)
     model.to(device)
     dataset = StayDataset(data.train, plan.normalizer, config.max_events)
@@ -120,12 +123,16 @@ def train_locally(
             proximal=proximal,
             label=f"server round {server_round}",
         )
+        if plan.local_norms:
+            save_local_norms(model, data.settings.state_dir)
         return TrainOutcome(weights_of(model.cpu()), len(data.train), result.train_loss, result.metrics())
     loader = make_loader(dataset, config.batch_size, True, seed)
     losses = [
         train_epoch(model, loader, optimizer, device, pos_weight, config.max_grad_norm, proximal)
         for _ in range(config.epochs)
     ]
+    if plan.local_norms:
+        save_local_norms(model, data.settings.state_dir)
     return TrainOutcome(weights_of(model.cpu()), len(data.train), float(np.mean(losses)))
 
 
@@ -133,6 +140,8 @@ def evaluate_locally(plan: LocalPlan, data: LocalData, arrays: Mapping[str, np.n
     """Loss, AUROC, AUPRC and n of the received model on the site's test stays."""
     model = build_model(plan, data)
     load_checked(model, arrays)
+    if plan.local_norms:
+        load_local_norms(model, data.settings.state_dir)
     device = select_device(data.settings.device)
     loader = make_loader(StayDataset(data.test, plan.normalizer, plan.max_events), 2 * plan.batch_size, False)
     result = evaluate(model.to(device), loader, device, positive_class_weight(data.train.labels))

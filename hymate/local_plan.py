@@ -38,6 +38,7 @@ class LocalPlan:
     max_events: int = 880
     seed: int = 0
     planned_rounds: int = 1  # how long the federation is planned to last (DP sites calibrate noise to it)
+    local_norms: bool = False  # FedBN: each site keeps its own normalisation layers
 
     def to_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {f"model.{f.name}": getattr(self.model, f.name) for f in fields(ModelOptions)}

@@ -87,6 +87,16 @@ class ModelOptions:
         )
 
 
+def normalisation_parameters(model: nn.Module) -> list[str]:
+    """State-dict names of the LayerNorm parameters: what FedBN keeps at each site."""
+    return [
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in model.named_modules()
+        if isinstance(module, nn.LayerNorm)
+        for name, _ in module.named_parameters(recurse=False)
+    ]
+
+
 class ContinuousValueEmbedding(nn.Module):
     """CVE: a scalar to a d-vector through ``Linear(1, sqrt d) -> tanh -> Linear(sqrt d, d)``."""
 

@@ -62,6 +62,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
     p.add_argument("--d-model", type=int, default=d.model.d_model)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--local-norms", action="store_true", help="FedBN: every site keeps its own normalisation layers")
     net = p.add_argument_group("network and security")
     net.add_argument("--address", default="127.0.0.1:9093", help="HOST:PORT the SuperLink listens on")
     net.add_argument("--ssl-ca-certfile", type=Path)
@@ -102,6 +103,7 @@ def run_config(args: argparse.Namespace) -> dict:
         "num-server-rounds": args.rounds,
         "min-clients": args.min_clients,
         "min-connected": args.min_connected,
+        "local-norms": args.local_norms,
         "run-dir": str(args.run_dir.resolve()),
         "resume": args.resume,
         "round-timeout": args.round_timeout,

@@ -42,6 +42,7 @@ class ServerSettings:
     max_grad_norm: float = 1.0
     max_events: int = 880
     seed: int = 0
+    local_norms: bool = False  # FedBN: sites keep their normalisation layers
 
     def __post_init__(self) -> None:
         for name in ("rounds", "min_clients", "local_epochs", "batch_size", "max_events"):
@@ -98,6 +99,7 @@ class ServerSettings:
             max_grad_norm=get("max-grad-norm", defaults.max_grad_norm),
             max_events=get("max-events", defaults.max_events),
             seed=get("seed", defaults.seed),
+            local_norms=get("local-norms", defaults.local_norms),
         )
 
     def plan(self, normalizer) -> LocalPlan:
@@ -113,4 +115,5 @@ class ServerSettings:
             max_events=self.max_events,
             seed=self.seed,
             planned_rounds=self.rounds,
+            local_norms=self.local_norms,
         )

@@ -4,7 +4,9 @@
 - ``local``: one model per site on its own stays, tested on every site (the heat map);
 - ``federated``: the project's ServerApp/ClientApp on Flower's Simulation Engine;
 - ``loso``: leave one site out: federate on the others, test on the held-out one;
-- ``personalized``: the federated model fine-tuned briefly on each site, tested there.
+- ``personalized``: the federated model fine-tuned briefly on each site, tested there;
+- ``fedbn``: federated with each site keeping its own normalisation layers (FedBN), each site
+  tested with the shared weights and its own normalisation.
 
 All protocols share one partition and one patient-level split per site (train/val/test), so
 every number in results.csv is measured on the same test stays.
@@ -23,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from client.local_norms import load_local_norms
 from hymate.centralized import train_centralized
 from hymate.data import concat_tables, load_dataset, split_stays
 from hymate.data.batches import StayDataset, make_loader
@@ -37,7 +40,7 @@ from strategies.registry import StrategySpec
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("centralized", "local", "federated", "loso", "personalized")
+PROTOCOLS = ("centralized", "local", "federated", "loso", "personalized", "fedbn")
 
 
 @dataclass(frozen=True)
@@ -181,11 +184,24 @@ class Experiment:
                 test_site=name,
             )
 
+    def fedbn(self, seed: int) -> None:
+        label = f"fedbn-seed{seed}"
+        bundle = self._federate(seed, list(self.sites), label, local_norms=True)
+        for name, site in self.sites.items():
+            model = bundle.build()
+            if not load_local_norms(model, self.result.federated_runs[label] / "sites" / name):
+                raise RuntimeError(f"site {name} kept no normalisation layers in {label}")
+            p = predict(model, bundle.normalizer, site.test, self.spec.train.max_events, self.spec.train.device)
+            self.result.rows += self._rows(
+                p, seed, protocol="fedbn", strategy=self.spec.strategy.name, train_sites=f"all+{name}", test_site=name
+            )
+
     # -- federation -----------------------------------------------------------------
 
-    def _federate(self, seed: int, names: list[str], label: str) -> ModelBundle:
+    def _federate(self, seed: int, names: list[str], label: str, local_norms: bool = False) -> ModelBundle:
         spec = self.spec
         run_config = {
+            "local-norms": local_norms,
             "strategy": spec.strategy.name,
             "strategy-options": spec.strategy.as_string(),
             "num-server-rounds": spec.rounds,

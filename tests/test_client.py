@@ -1,5 +1,6 @@
 """The hospital side without a network: plans, model checks, the outgoing audit, CLI errors."""
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -10,11 +11,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 from client import cli
 from client.app import SiteFailure, reported_safely
 from client.audit import OutgoingMessageBlocked, check_outgoing
+from client.local_norms import FILE_NAME, load_local_norms, save_local_norms
 from client.site import SiteConfigError, SiteSettings, open_site
 from client.training import ModelMismatchError, build_model, evaluate_locally, load_checked, train_locally, weights_of
 from hymate.data import DataError, MomentSums
 from hymate.local_plan import LocalPlan, PlanError
-from hymate.model import ModelOptions
+from hymate.model import ModelOptions, normalisation_parameters
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,34 @@ def test_local_training_moves_the_weights_and_evaluation_reports_metrics(site, p
     metrics = evaluate_locally(plan, site, outcome.weights)
     assert metrics["num-examples"] == len(site.test)
     assert 0.0 <= metrics["auroc"] <= 1.0 and metrics["loss"] > 0
+
+
+def test_fedbn_sites_keep_their_own_normalisation_layers(site, plan):
+    fedbn = dataclasses.replace(plan, local_norms=True)
+    start = weights_of(build_model(fedbn, site))
+    norms = normalisation_parameters(build_model(fedbn, site))
+    assert norms and all("norm" in name for name in norms)
+    outcome = train_locally(fedbn, site, start, server_round=1)
+    kept = np.load(site.settings.state_dir / FILE_NAME)
+    assert sorted(kept.files) == sorted(norms)
+    for name in norms:
+        np.testing.assert_array_equal(kept[name], outcome.weights[name])
+    # The next round arrives with the coordinator's (here: the initial) norms; the site's own win.
+    model = build_model(fedbn, site)
+    load_checked(model, start)
+    assert load_local_norms(model, site.settings.state_dir)
+    for name in norms:
+        np.testing.assert_array_equal(model.state_dict()[name].numpy(), kept[name])
+    # A plan without FedBN ignores the file: evaluation then differs from the FedBN evaluation.
+    assert evaluate_locally(fedbn, site, start)["loss"] != evaluate_locally(plan, site, start)["loss"]
+    (site.settings.state_dir / FILE_NAME).unlink()
+
+
+def test_local_norms_of_another_model_are_a_named_error(site, plan, tmp_path):
+    save_local_norms(build_model(plan, site), tmp_path)
+    other = build_model(dataclasses.replace(plan, model=ModelOptions(d_model=16, n_heads=2, n_mamba_layers=1)), site)
+    with pytest.raises(ValueError, match="different model"):
+        load_local_norms(other, tmp_path)
 
 
 def _message(content: RecordDict, kind: str) -> Message:
