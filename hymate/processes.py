@@ -79,13 +79,18 @@ def _end_group(pgid: int, timeout: float, own: subprocess.Popen | None = None) -
 
 
 def _child_environment(extra: Mapping[str, str] | None) -> dict[str, str]:
-    """The parent's environment with this Python's bin folder first on PATH.
+    """The parent's environment with this Python's bin folder first on PATH, minus numba's pool size.
 
     Flower's SuperLink and SuperNode start helpers (``flower-superexec``, ``flwr-serverapp``,
     ``flwr-clientapp``) by name; when the project runs from a virtual environment that is not
     activated (``.venv/bin/hymate-server``, CI), those names must still resolve to the same venv.
     """
     environment = {**os.environ, **(extra or {})}
+    # hymate.ssm sizes numba's thread pool to this process's torch threads through this
+    # variable; a child (a Ray actor confined to one CPU, say) must size its own. Inherited,
+    # it gave every single-CPU actor an idle numba thread spinning on the other core: after a
+    # centralized run in the same hymate-sim, federated rounds ran 3-4x slower.
+    environment.pop("NUMBA_NUM_THREADS", None)
     bin_dir = str(Path(sys.executable).parent)
     path = environment.get("PATH", "")
     if bin_dir not in path.split(os.pathsep):
