@@ -76,9 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), help="existing Ray cluster HOST:PORT")
     engine.add_argument("--cpus-per-client", type=int, default=1)
     engine.add_argument("--timeout", type=float, default=3600.0, help="seconds before a federated run is abandoned")
-    p.add_argument("--out", type=Path, default=Path("runs/sim"), help="output folder (report, results, plots)")
+    p.add_argument(
+        "--out", type=Path, help="output folder for report, results and plots (default: a new runs/sim/YYYYmmdd-HHMMSS)"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def output_folder(requested: Path | None) -> Path:
+    """A fresh folder: a new time-stamped one by default, so running the same command twice
+    keeps both reports; a named folder that already holds a simulation is refused, untouched."""
+    if requested is None:
+        return Path("runs/sim") / time.strftime("%Y%m%d-%H%M%S")
+    if (requested / "report.md").exists() or (requested / "runs").exists():
+        raise ValueError(f"{requested} already holds a simulation; choose another --out (nothing there was changed)")
+    return requested
 
 
 def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
@@ -90,7 +102,7 @@ def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
     if args.dataset == "synthetic":
         options = {k: v for k, v in (("n_sites", args.synthetic_sites), ("stays_per_site", args.synthetic_stays)) if v}
     return SimulationSpec(
-        out=args.out,
+        out=output_folder(args.out),
         dataset=args.dataset,
         data=args.data,
         dataset_options=options,

@@ -68,6 +68,14 @@ def test_a_short_simulation_writes_results_plots_and_report(tmp_path, capsys):
 
 
 @pytest.mark.timeout(120)
+def test_an_output_folder_that_holds_a_simulation_is_refused_untouched(tmp_path, capsys):
+    (tmp_path / "report.md").write_text("earlier report")
+    assert main(SMALL + ["--out", str(tmp_path)]) == 2
+    assert "already holds a simulation" in capsys.readouterr().err
+    assert (tmp_path / "report.md").read_text() == "earlier report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+
+
 def test_an_unreachable_ray_cluster_ends_the_run_with_an_error_in_bounded_time(tmp_path, capsys):
     start = time.monotonic()
     args = SMALL + [
