@@ -80,40 +80,28 @@ def _physionet2012(
     return cached(lambda raw, s: load_physionet2012(raw, sets, s), root, cache_dir, key, summary)
 
 
-def _physionet2019(root: Path | None, cache_dir: Path | None, summary: LoadSummary, **options: Any) -> StayTable:
-    """Options: SepsisTask fields (observation_hours, gap_hours, sets). Cached per task."""
-    root = Path(root) if root is not None else DEFAULT_RAW_DIR / "physionet2019"
-    key = SepsisTask(**options).cache_key
-    if cache_dir is None:
-        return load_physionet2019(root, summary, **options)
-    return cached(lambda raw, s: load_physionet2019(raw, s, **options), root, cache_dir, key, summary)
+def _options_source(folder: str, options_type: type, load: Callable[..., StayTable]) -> Callable[..., StayTable]:
+    """A loader for a source whose options are the fields of ``options_type`` (its cache key
+    comes from them, so each task or cohort choice is cached apart); raw files default to
+    ``.cache/data/<folder>``."""
 
+    def loader(root: Path | None, cache_dir: Path | None, summary: LoadSummary, **options: Any) -> StayTable:
+        root = Path(root) if root is not None else DEFAULT_RAW_DIR / folder
+        key = options_type(**options).cache_key
+        if cache_dir is None:
+            return load(root, summary, **options)
+        return cached(lambda raw, s: load(raw, s, **options), root, cache_dir, key, summary)
 
-def _eicu(root: Path | None, cache_dir: Path | None, summary: LoadSummary, **options: Any) -> StayTable:
-    """Options: EicuOptions fields (observation_hours, min_stay_hours, sites, ...). Cached per choice."""
-    root = Path(root) if root is not None else DEFAULT_RAW_DIR / "eicu"
-    key = EicuOptions(**options).cache_key
-    if cache_dir is None:
-        return load_eicu(root, summary, **options)
-    return cached(lambda raw, s: load_eicu(raw, s, **options), root, cache_dir, key, summary)
-
-
-def _mimic4(root: Path | None, cache_dir: Path | None, summary: LoadSummary, **options: Any) -> StayTable:
-    """Options: Mimic4Options fields (observation_hours, min_stay_hours, sites, ...). Cached per choice."""
-    root = Path(root) if root is not None else DEFAULT_RAW_DIR / "mimic4"
-    key = Mimic4Options(**options).cache_key
-    if cache_dir is None:
-        return load_mimic4(root, summary, **options)
-    return cached(lambda raw, s: load_mimic4(raw, s, **options), root, cache_dir, key, summary)
+    return loader
 
 
 # name -> loader(root, cache_dir or None for no cache, summary, **options)
 DATASETS: dict[str, Callable[..., StayTable]] = {
     "synthetic": _synthetic,
     "physionet2012": _physionet2012,
-    "physionet2019": _physionet2019,
-    "eicu": _eicu,
-    "mimic4": _mimic4,
+    "physionet2019": _options_source("physionet2019", SepsisTask, load_physionet2019),
+    "eicu": _options_source("eicu", EicuOptions, load_eicu),
+    "mimic4": _options_source("mimic4", Mimic4Options, load_mimic4),
 }
 
 
