@@ -13,43 +13,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 P12_ARCHIVE = REPO.parent / "shared/data/physionet2012.tar.gz"
 P12_UNPACKED = REPO / ".cache/data/physionet2012"
-
-
-def _unpack_p12() -> Path | None:
-    """Unpack the PhysioNet 2012 archive into <repo>/.cache/data once (atomically)."""
-    if (P12_UNPACKED / "Outcomes-c.txt").is_file():
-        return P12_UNPACKED
-    if not P12_ARCHIVE.is_file():
-        return None
-    P12_UNPACKED.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=P12_UNPACKED.parent))
-    try:
-        with tarfile.open(P12_ARCHIVE) as archive:
-            if hasattr(tarfile, "data_filter"):
-                archive.extractall(tmp, filter="data")
-            else:  # Python < 3.10.12 has no extraction filters
-                archive.extractall(tmp)  # noqa: S202 - our own archive
-        if not P12_UNPACKED.exists():
-            os.replace(tmp / "physionet2012", P12_UNPACKED)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return P12_UNPACKED
-
-
-@pytest.fixture(scope="session")
-def p12_root() -> Path:
-    """The raw PhysioNet 2012 folder: $HYMATE_P12_DIR, else the unpacked shared archive."""
-    env = os.environ.get("HYMATE_P12_DIR")
-    if env:
-        if not Path(env).is_dir():
-            pytest.skip(f"HYMATE_P12_DIR={env} is not a folder")
-        return Path(env)
-    root = _unpack_p12()
-    if root is None:
-        pytest.skip(f"PhysioNet 2012 archive not found at {P12_ARCHIVE}")
-    return root
-
-
 P19_ARCHIVE = REPO.parent / "shared/data/physionet2019.tar.gz"
 P19_UNPACKED = REPO / ".cache/data/physionet2019"
 
@@ -78,15 +41,26 @@ def _unpack_archive(archive: Path, unpacked: Path) -> Path | None:
     return unpacked
 
 
+def _raw_root(variable: str, archive: Path, unpacked: Path, name: str) -> Path:
+    """The raw folder from ``$variable``, else ``archive`` unpacked; skips cleanly without either."""
+    env = os.environ.get(variable)
+    if env:
+        if not Path(env).is_dir():
+            pytest.skip(f"{variable}={env} is not a folder")
+        return Path(env)
+    root = _unpack_archive(archive, unpacked)
+    if root is None:
+        pytest.skip(f"{name} archive not found at {archive}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def p12_root() -> Path:
+    """The raw PhysioNet 2012 folder: $HYMATE_P12_DIR, else the unpacked shared archive."""
+    return _raw_root("HYMATE_P12_DIR", P12_ARCHIVE, P12_UNPACKED, "PhysioNet 2012")
+
+
 @pytest.fixture(scope="session")
 def p19_root() -> Path:
     """The raw PhysioNet 2019 folder: $HYMATE_P19_DIR, else the unpacked shared archive."""
-    env = os.environ.get("HYMATE_P19_DIR")
-    if env:
-        if not Path(env).is_dir():
-            pytest.skip(f"HYMATE_P19_DIR={env} is not a folder")
-        return Path(env)
-    root = _unpack_archive(P19_ARCHIVE, P19_UNPACKED)
-    if root is None:
-        pytest.skip(f"PhysioNet 2019 archive not found at {P19_ARCHIVE}")
-    return root
+    return _raw_root("HYMATE_P19_DIR", P19_ARCHIVE, P19_UNPACKED, "PhysioNet 2019")
