@@ -60,6 +60,15 @@ def load_checked(model: HyMaTE, arrays: Mapping[str, np.ndarray]) -> None:
     model.load_state_dict(state)
 
 
+def received_model(plan: LocalPlan, data: LocalData, arrays: Mapping[str, np.ndarray]) -> HyMaTE:
+    """The coordinator's model, checked, with this site's own normalisation layers under FedBN."""
+    model = build_model(plan, data)
+    load_checked(model, arrays)
+    if plan.local_norms:
+        load_local_norms(model, data.settings.state_dir)
+    return model
+
+
 def weights_of(model: HyMaTE) -> dict[str, np.ndarray]:
     return {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
 
@@ -97,10 +106,7 @@ def train_locally(
     config = _train_config(plan, data)
     seed = plan.seed + 1000 * server_round + zlib.crc32(data.settings.display_name.encode()) % 1000
     torch.manual_seed(seed)
-    model = build_model(plan, data)
-    load_checked(model, arrays)
-    if plan.local_norms:
-        load_local_norms(model, data.settings.state_dir)
+    model = received_model(plan, data, arrays)
     device = select_device(config.device)
     model.to(device)
     dataset = StayDataset(data.train, plan.normalizer, config.max_events)
@@ -123,25 +129,22 @@ def train_locally(
             proximal=proximal,
             label=f"server round {server_round}",
         )
-        if plan.local_norms:
-            save_local_norms(model, data.settings.state_dir)
-        return TrainOutcome(weights_of(model.cpu()), len(data.train), result.train_loss, result.metrics())
-    loader = make_loader(dataset, config.batch_size, True, seed)
-    losses = [
-        train_epoch(model, loader, optimizer, device, pos_weight, config.max_grad_norm, proximal)
-        for _ in range(config.epochs)
-    ]
+        train_loss, privacy = result.train_loss, result.metrics()
+    else:
+        loader = make_loader(dataset, config.batch_size, True, seed)
+        losses = [
+            train_epoch(model, loader, optimizer, device, pos_weight, config.max_grad_norm, proximal)
+            for _ in range(config.epochs)
+        ]
+        train_loss, privacy = float(np.mean(losses)), None
     if plan.local_norms:
         save_local_norms(model, data.settings.state_dir)
-    return TrainOutcome(weights_of(model.cpu()), len(data.train), float(np.mean(losses)))
+    return TrainOutcome(weights_of(model.cpu()), len(data.train), train_loss, privacy)
 
 
 def evaluate_locally(plan: LocalPlan, data: LocalData, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Loss, AUROC, AUPRC and n of the received model on the site's test stays."""
-    model = build_model(plan, data)
-    load_checked(model, arrays)
-    if plan.local_norms:
-        load_local_norms(model, data.settings.state_dir)
+    model = received_model(plan, data, arrays)
     device = select_device(data.settings.device)
     loader = make_loader(StayDataset(data.test, plan.normalizer, plan.max_events), 2 * plan.batch_size, False)
     result = evaluate(model.to(device), loader, device, positive_class_weight(data.train.labels))
