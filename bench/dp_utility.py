@@ -41,11 +41,11 @@ def federated_scores(spec) -> tuple[dict[str, float], float]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     root = Path(tempfile.mkdtemp(prefix="hymate-bench-dp-utility-"))
-    args = build_parser().parse_args([*argv, "--protocol", "federated", "--out", str(root / "dp")])
-    if args.dp_epsilon is None:
+    spec = spec_from_args(build_parser().parse_args(argv))
+    if not spec.privacy:
         print("bench/dp_utility.py: give --dp-epsilon (and --dp-delta): the budget of the DP run", file=sys.stderr)
         return 2
-    private = spec_from_args(args)
+    private = dataclasses.replace(spec, protocols=("federated",), out=root / "dp")
     plain = dataclasses.replace(private, out=root / "plain", privacy={})
     results = {}
     for label, spec in (("non-DP", plain), ("DP", private)):
