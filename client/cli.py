@@ -21,6 +21,8 @@ import time
 import tomllib
 from pathlib import Path
 
+from client.app import app as installed_clientapp
+from client.runner import AppPolicy, SiteRunner, new_runtime_secret
 from client.site import SiteConfigError, SiteSettings, open_site
 from hymate.data import DataError
 from hymate.privacy import LedgerError, PrivacyLedger
@@ -54,7 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-restarts", type=int, help="stop after restarting the SuperNode this often (default: never stop)"
     )
     p.add_argument(
-        "--clientappio-port", type=int, help="local port for the SuperNode's ClientApp API (default: a free one)"
+        "--accept-app-hash",
+        action="append",
+        metavar="SHA256",
+        help="take part only in runs whose app bundle (FAB) has this SHA-256 (repeatable; default: any bundle "
+        "that carries no site-side code)",
+    )
+    p.add_argument(
+        "--runtime-port", type=int, help="loopback port between the SuperNode and this site's runner (default: free)"
     )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -126,16 +135,23 @@ def run(options: dict) -> int:
     print(f"site {settings.display_name}: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test stays")
 
     state_dir = settings.state_dir
+    runtime_port = options.get("runtime_port") or free_port()
+    secret_file = new_runtime_secret(state_dir / "runtime.secret")
     args = [
         str(Path(sys.executable).with_name("flower-supernode")),
         "--superlink",
         options["server"],
         "--node-config",
         node_config_string(config),
+        # The SuperNode only relays messages; this process runs them with the installed ClientApp.
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(secret_file),
         "--host",
         "127.0.0.1",
         "--port",
-        str(options.get("clientappio_port") or free_port()),
+        str(runtime_port),
     ]
     if secure:
         args += [
@@ -149,7 +165,17 @@ def run(options: dict) -> int:
         args += ["--insecure"]
     env = {"FLWR_HOME": str(state_dir / "flwr"), "FLWR_TELEMETRY_ENABLED": "0"}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the SuperNode is stopped on the way out
-    return supervise(args, env, state_dir, options.get("max_restarts"))
+    runner = SiteRunner(
+        f"127.0.0.1:{runtime_port}",
+        secret_file.read_bytes(),
+        installed_clientapp,
+        AppPolicy(frozenset(options.get("accept_app_hash") or ())),
+    )
+    runner.start()
+    try:
+        return supervise(args, env, state_dir, options.get("max_restarts"))
+    finally:
+        runner.stop()
 
 
 def supervise(args: list[str], env: dict[str, str], state_dir: Path, max_restarts: int | None) -> int:
