@@ -25,10 +25,11 @@ from flwr.clientapp import ClientApp
 from client.audit import make_audit_mod
 from client.partition import open_partition
 from client.site import LocalData, SiteConfigError, SiteSettings, open_site
-from client.training import ModelMismatchError, evaluate_locally, train_locally
+from client.training import ModelMismatchError, build_model, evaluate_locally, train_locally, weights_of
 from hymate.data import DataError, MomentSums
 from hymate.local_plan import LocalPlan, PlanError
 from hymate.privacy import LedgerError, PrivacyBudgetExhausted
+from hymate.weight_vector import WEIGHTS_KEY, WeightLayoutError, from_vector, to_vector
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,14 @@ def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
 
 
-def _from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {name: array.numpy() for name, array in record.items()}
+def received_weights(record: ArrayRecord, plan: LocalPlan, data: LocalData) -> dict[str, np.ndarray]:
+    """The coordinator's model as named tensors, laid out as the model this site builds from the plan."""
+    if list(record.keys()) != [WEIGHTS_KEY]:
+        raise ModelMismatchError(f"received arrays {sorted(record.keys())[:3]}, expected one {WEIGHTS_KEY!r} vector")
+    try:
+        return from_vector(record[WEIGHTS_KEY].numpy(), weights_of(build_model(plan, data)))
+    except WeightLayoutError as e:
+        raise ModelMismatchError(f"received model does not fit the plan's model: {e}") from None
 
 
 def resolve_site(context: Context) -> LocalData:
@@ -110,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
         outcome = train_locally(
             plan,
             data,
-            _from_record(msg.content["arrays"]),
+            received_weights(msg.content["arrays"], plan, data),
             server_round=int(config.get("server-round", 0)),
             proximal_mu=float(config.get("proximal-mu", 0.0)),
         )
@@ -125,7 +132,11 @@ def train(msg: Message, context: Context) -> Message:
             "seconds": time.perf_counter() - started,
         }
     )
-    content = {"arrays": _to_record(outcome.weights), "metrics": metrics, "site": _site_record(data)}
+    content = {
+        "arrays": _to_record({WEIGHTS_KEY: to_vector(outcome.weights)}),
+        "metrics": metrics,
+        "site": _site_record(data),
+    }
     if outcome.privacy is not None:
         # A ConfigRecord: DP and non-DP sites may differ here without breaking the strategy's
         # check that all MetricRecords share their keys.
@@ -139,7 +150,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     data = resolve_site(context)
     plan = LocalPlan.from_record(msg.content["config"])
     started = time.perf_counter()
-    metrics = evaluate_locally(plan, data, _from_record(msg.content["arrays"]))
+    metrics = evaluate_locally(plan, data, received_weights(msg.content["arrays"], plan, data))
     metrics["seconds"] = time.perf_counter() - started
     content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(data)})
     return Message(content, reply_to=msg)

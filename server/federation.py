@@ -25,6 +25,8 @@ from flwr.serverapp.strategy import Strategy
 from hymate.data.normalization import MomentSums, Normalizer
 from hymate.model import HyMaTE
 from hymate.model_bundle import ModelBundle
+from hymate.weight_vector import WEIGHTS_KEY, from_vector, to_vector
+from server.exchange import send_and_receive
 from server.model_card import write_final_outputs
 from server.run_dir import RoundCheckpoint, RunDirectory, restore_strategy_state, strategy_state
 from server.screening import Rejection, screen_replies, silent_sites, site_of
@@ -52,8 +54,13 @@ class FederationFacts:
         return Normalizer.from_arrays({k: np.asarray(v) for k, v in self.normalizer.items()})
 
 
-def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+def weights_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
+    """The global model as it travels: one flat vector (hymate.weight_vector says why)."""
+    return ArrayRecord({WEIGHTS_KEY: Array(to_vector(weights))})
+
+
+def weights_from(record: ArrayRecord, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return from_vector(record[WEIGHTS_KEY].numpy(), like)
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -146,7 +153,7 @@ class Federation:
             Message(RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=n)
             for n in nodes
         ]
-        replies = list(self.grid.send_and_receive(messages, timeout=self.settings.round_timeout))
+        replies = send_and_receive(self.grid, messages, self.settings.round_timeout)
         good, schemas, provenance = [], {}, {}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -187,20 +194,20 @@ class Federation:
         s = self.settings
         start = time.monotonic()
         wait_for_sites(self.grid, s.sites_to_wait_for, s.wait_for_clients)
-        global_arrays = to_record(weights)
+        global_arrays = weights_record(weights)
 
         messages = list(self.strategy.configure_train(server_round, global_arrays, ConfigRecord(plan), self.grid))
-        replies_train = list(self.grid.send_and_receive(messages, timeout=s.round_timeout))
+        replies_train = send_and_receive(self.grid, messages, s.round_timeout)
         trained, rejected = screen_replies(replies_train, "train", global_arrays, self.sites)
         rejected += silent_sites(messages, replies_train, "train", self.sites, s.round_timeout)
         self._require_enough(server_round, "train", trained, rejected)
         new_arrays, _ = self.strategy.aggregate_train(server_round, trained)
         if new_arrays is None:
             raise FederationError(f"round {server_round}: strategy {s.strategy.name} produced no model")
-        new_weights = from_record(new_arrays)
+        new_weights = weights_from(new_arrays, weights)
 
         messages = list(self.strategy.configure_evaluate(server_round, new_arrays, ConfigRecord(plan), self.grid))
-        replies = list(self.grid.send_and_receive(messages, timeout=s.round_timeout))
+        replies = send_and_receive(self.grid, messages, s.round_timeout)
         evaluated, eval_rejected = screen_replies(replies, "evaluate", None, self.sites)
         eval_rejected += silent_sites(messages, replies, "evaluate", self.sites, s.round_timeout)
         if evaluated:

@@ -1,0 +1,107 @@
+"""What a deployed round costs beyond the sites' own work, and the memory each role holds.
+
+Starts a real federation on 127.0.0.1 (hymate-server and N hymate-client processes, TLS and
+node authentication, synthetic sites) and reports, per round, the round's wall time over the
+slowest site's local work (its train plus evaluate handler seconds, as the site measured
+them), with the peak RSS of the coordinator's and each site's whole process tree.
+
+    .venv/bin/python bench/deployment_round.py --sites 3 --rounds 4
+
+Round 1 includes one-off start-up (imports, numba's compiled kernels, the data); the median
+over the later rounds is the steady state. Run it on a quiet machine: every process here
+shares the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.deployment import Deployment, wait_until  # noqa: E402
+
+
+def tree_rss_mb(root: int) -> float:
+    """Resident memory of ``root`` and all its descendants, in MB (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            pid = int(stat.parent.name)
+            children.setdefault(int(fields[1]), []).append(pid)
+            rss[pid] = int(fields[21]) * 4096
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += children.get(pid, [])
+    return total / 1e6
+
+
+class PeakMemory(threading.Thread):
+    """Samples the RSS of several process trees twice a second and keeps each one's peak."""
+
+    def __init__(self, roots: dict[str, int]):
+        super().__init__(daemon=True)
+        self.roots, self.peaks, self.done = roots, dict.fromkeys(roots, 0.0), threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            for name, pid in self.roots.items():
+                self.peaks[name] = max(self.peaks[name], tree_rss_mb(pid))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="hymate-bench-") as tmp:
+        d = Deployment(Path(tmp), n_sites=args.sites)
+        started = time.monotonic()
+        server = d.start_server("--rounds", str(args.rounds), "--min-clients", str(args.sites))
+        wait_until(lambda: "registered site" in d.log("server.log"), 120, "the sites to be registered")
+        time.sleep(5)  # all sites registered (the log names each; their count differs by version)
+        clients = {f"site {i}": d.start_client(i).pid for i in range(1, args.sites + 1)}
+        memory = PeakMemory({"coordinator": server.pid, **clients})
+        memory.start()
+        try:
+            code = d.wait_server(server, 1800)
+        finally:
+            memory.done.set()
+            d.stop()
+        total = time.monotonic() - started
+        if code != 0:
+            print(d.log("server.log")[-3000:], file=sys.stderr)
+            return 1
+        print(f"{args.sites} sites, {args.rounds} rounds, {total:.0f} s from start to finish")
+        print("round  wall s  slowest site's train+evaluate s  ratio")
+        ratios = []
+        for r in range(1, args.rounds + 1):
+            m = json.loads((d.run_dir / f"round-{r:03d}" / "metrics.json").read_text())
+            local = max(
+                m["sites"]["train"][s]["seconds"] + m["sites"]["evaluate"].get(s, {}).get("seconds", 0.0)
+                for s in m["sites"]["train"]
+            )
+            ratios.append(m["seconds"] / local)
+            print(f"{r:5d}  {m['seconds']:6.1f}  {local:32.1f}  {ratios[-1]:5.2f}")
+        steady = ratios[1:] or ratios
+        print(f"median ratio over rounds 2-{args.rounds}: {statistics.median(steady):.2f}")
+        for name, peak in memory.peaks.items():
+            print(f"peak RSS {name}: {peak:.0f} MB (whole process tree)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
