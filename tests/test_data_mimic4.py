@@ -251,7 +251,7 @@ def test_load_dataset_dispatch_and_cache_per_window(tmp_path):
     assert summary.counts["excluded_short_stay"] == 1  # the summary survives the cache
     day = load_dataset("mimic4", root, cache_dir=cache, observation_hours=24)
     assert day.times.max() <= 24
-    assert sorted(p.name.rsplit("-", 1)[0] for p in cache.iterdir()) == [
+    assert sorted(p.name.rsplit("-", 2)[0] for p in cache.iterdir()) == [
         "mimic4-w24-m24-sall-v1",
         "mimic4-w48-m48-sall-v1",
     ]

@@ -244,7 +244,7 @@ def test_load_dataset_dispatch_and_cache_per_task(tmp_path):
     assert summary.counts["excluded_onset_unknown"] == 1  # the summary survives the cache
     other = load_dataset("physionet2019", root, cache_dir=cache, observation_hours=4)
     assert len(other) == 6 and other.times.max() <= 4
-    assert sorted(p.name.rsplit("-", 1)[0] for p in cache.iterdir()) == [
+    assert sorted(p.name.rsplit("-", 2)[0] for p in cache.iterdir()) == [
         "physionet2019-w10-g0-v1",
         "physionet2019-w4-g0-v1",
     ]
