@@ -48,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--sites", type=int, default=4, help="number of virtual hospitals (not for natural)")
     data.add_argument("--min-site-size", type=int, default=20, help="fewest stays a site may hold")
     data.add_argument(
-        "--allow-one-class-splits",
+        "--require-both-classes",
         action="store_true",
-        help="run even when a site's val or test split lacks a class (flagged in results.csv and the report)",
+        help="stop when a site's val or test split lacks a class (default: run, flagged in results.csv and the report)",
     )
     data.add_argument("--synthetic-sites", type=int, help="sites the synthetic generator makes (default 4)")
     data.add_argument("--synthetic-stays", type=int, help="stays per synthetic site (default 500)")
@@ -120,7 +120,7 @@ def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
         partition=PartitionScheme.parse(args.partition),
         sites=args.sites,
         min_site_size=args.min_site_size,
-        allow_one_class_splits=args.allow_one_class_splits,
+        require_both_classes=args.require_both_classes,
         protocols=tuple(protocols),
         strategy=strategy,
         rounds=args.rounds,
@@ -219,6 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     pooled = results[(results["test_site"] == "pooled") & (results["metric"].isin(["auroc", "auprc"]))]
     for (protocol, metric), group in pooled.groupby(["protocol", "metric"]):
         print(f"{protocol:>12} pooled test {metric.upper()}: {group['value'].mean():.4f}")
+    if result.warnings:
+        print(
+            f"hymate-sim: warning: {len(result.warnings)} val/test splits lack a class; their AUROC/AUPRC are "
+            f"undefined (flagged in results.csv and {report.name}):",
+            *result.warnings,
+            sep="\n  ",
+            file=sys.stderr,
+        )
     print(f"report: {report} ({time.perf_counter() - start:.0f} s)")
     return 0
 

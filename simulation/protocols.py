@@ -66,9 +66,11 @@ class SimulationSpec:
     bootstrap: int = 200
     privacy: dict = field(default_factory=dict)  # DP settings of every virtual site (SiteSettings fields)
     min_sites: int | None = None  # sites that must reply in a federated round (default: all)
-    # A site's val or test split without both classes: an error, or with this a warning
-    # carried into results.csv and the report.
-    allow_one_class_splits: bool = False
+    # Each site's split is stratified by label, so its val and test splits hold both classes
+    # whenever it has three patients of each. One with fewer (a natural unit with two deaths, a
+    # label-skewed virtual site) cannot: a loud warning carried into results.csv, sites.csv and
+    # the report, or with this an error.
+    require_both_classes: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.protocols) - set(PROTOCOLS)
@@ -120,17 +122,17 @@ class Experiment:
         site_table = self.table.subset(index)
         try:
             split = split_stays(
-                site_table, seed=spec.split_seed, require_both_classes=not spec.allow_one_class_splits, site=name
+                site_table, seed=spec.split_seed, require_both_classes=spec.require_both_classes, site=name
             )
         except DataError as e:
             remedy = (
                 "the natural partition's sites are the data's own: use another partition (e.g. --partition iid "
                 "--sites 2)"
                 if spec.partition.kind == "natural"
-                else "use fewer --sites or another --partition"
+                else "use fewer --sites, a larger ALPHA or another --partition"
             )
             raise DataError(
-                f"{e}. {remedy}, or --allow-one-class-splits to run anyway "
+                f"{e}. {remedy}, or leave out --require-both-classes to run anyway "
                 "(that site's metrics are then flagged in results.csv and report.md)"
             ) from e
         if split.one_class:

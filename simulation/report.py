@@ -3,7 +3,7 @@
 ```
 out/results.csv          protocol x strategy x train sites x test site x metric x seed,
                          with bootstrap 95 % intervals (FLamby-style tidy rows); ``warning``
-                         says why a row's test split lacks a class (--allow-one-class-splits)
+                         says why a row's test split lacks a class
 out/sites.csv            size, per-split positives and prevalence of each virtual hospital
 out/curves.csv/.png      federated AUROC/AUPRC per site and round
 out/heatmap_auroc.png    train site x test site AUROC (local models, centralized, federated)

@@ -39,13 +39,13 @@ def test_virtual_sites_split_by_their_own_labels_not_their_source_hospitals(monk
     exp = experiment(
         monkeypatch, many_small_hospitals(), tmp_path, partition=PartitionScheme("iid"), sites=2, min_site_size=10
     )
-    summary = pd.DataFrame(site_summary(exp)).set_index("site")
-    assert list(summary.index) == ["site-0", "site-1"]
-    assert summary["train positives"].sum() + summary["val positives"].sum() + summary["test positives"].sum() == 90
-    assert (summary["val positives"] >= 6).all() and (summary["test positives"] >= 6).all()
     for site in exp.sites.values():
         for part in (site.val, site.test):
             assert set(part.labels.tolist()) == {0, 1}
+    summary = pd.DataFrame(site_summary(exp)).set_index("site")  # each split's own counts
+    assert list(summary.index) == ["site-0", "site-1"]
+    assert summary["train positives"].sum() + summary["val positives"].sum() + summary["test positives"].sum() == 90
+    assert (summary["val positives"] >= 6).all() and (summary["test positives"] >= 6).all()
     assert (summary["warning"] == "").all() and exp.result.warnings == []
 
 
@@ -58,16 +58,23 @@ def one_positive_per_site(n_sites: int = 2, patients_each: int = 30) -> object:
     return table_from_stays("wards", ["x"], [], stays)
 
 
-def test_a_split_without_both_classes_is_an_error_naming_site_counts_and_remedy(monkeypatch, tmp_path):
+def test_a_split_without_both_classes_is_an_error_when_asked_naming_site_counts_and_remedy(monkeypatch, tmp_path):
     with pytest.raises(DataError) as error:
-        experiment(monkeypatch, one_positive_per_site(), tmp_path)
+        experiment(monkeypatch, one_positive_per_site(), tmp_path, require_both_classes=True)
     message = str(error.value)
     assert "site 'ward-0' has no positive patient in its val split (0 positive and 5 negative patients there" in message
     assert "the site has 1 positives of 30 patients" in message
     assert "use another partition (e.g. --partition iid --sites 2)" in message
-    assert "--allow-one-class-splits" in message
-    with pytest.raises(DataError, match="use fewer --sites or another --partition"):
-        experiment(monkeypatch, one_positive_per_site(), tmp_path, partition=PartitionScheme("iid"), sites=2)
+    assert "or leave out --require-both-classes to run anyway" in message
+    with pytest.raises(DataError, match="use fewer --sites, a larger ALPHA or another --partition"):
+        experiment(
+            monkeypatch,
+            one_positive_per_site(),
+            tmp_path,
+            partition=PartitionScheme("iid"),
+            sites=2,
+            require_both_classes=True,
+        )
 
 
 class FakeBundle:
@@ -145,14 +152,8 @@ def test_every_protocol_scores_through_the_one_helper(monkeypatch, tmp_path, sco
     assert {c["device"] for c in scored} == {"cpu"}
 
 
-def test_allowed_one_class_splits_are_flagged_in_results_and_report(monkeypatch, tmp_path, scored):
-    exp = experiment(
-        monkeypatch,
-        one_positive_per_site(),
-        tmp_path,
-        protocols=("federated",),
-        allow_one_class_splits=True,
-    )
+def test_one_class_splits_are_by_default_flagged_in_results_and_report(monkeypatch, tmp_path, scored):
+    exp = experiment(monkeypatch, one_positive_per_site(), tmp_path, protocols=("federated",))
     assert len(exp.result.warnings) == 4  # val and test of both wards
     exp.run()
     results = results_frame(exp.result.rows)

@@ -44,3 +44,9 @@ def test_hymate_sim_cache_dir_is_where_the_simulator_and_sites_cache(tmp_path):
         open_partition(str(manifest), 0)
     (entry,) = (tmp_path / "mine").iterdir()  # ... through the cache the simulator was told to use
     assert entry.name.startswith("physionet2012-a-v")
+
+
+def test_require_both_classes_reaches_the_spec(tmp_path):
+    assert not spec_from_args(build_parser().parse_args(["--out", str(tmp_path / "a")])).require_both_classes
+    args = build_parser().parse_args(["--require-both-classes", "--out", str(tmp_path / "b")])
+    assert spec_from_args(args).require_both_classes
