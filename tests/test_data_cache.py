@@ -200,7 +200,9 @@ def test_two_roots_with_the_same_layout_do_not_share_an_entry(tmp_path):
         (root / "0.txt").write_text(value)
         os.utime(root / "0.txt", ns=(10**18, 10**18))  # identical names, sizes and mtimes
     loader = CountingLoader()
+    (cache / "demo-0123456789abcdef").mkdir(parents=True)  # an entry named before roots were in the key
     assert cached(loader, first, cache, "demo").values[0] == 1.0
+    assert not (cache / "demo-0123456789abcdef").exists()
     assert cached(loader, second, cache, "demo").values[0] == 2.0
     assert cached(loader, first, cache, "demo").values[0] == 1.0  # each root keeps its own entry
     assert loader.calls == 2 and len(list(cache.iterdir())) == 2

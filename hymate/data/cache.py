@@ -221,7 +221,8 @@ def cached(
     The entry is ``cache_dir/<key>-<root_id(raw_root)>-<fingerprint(raw_root)>``; put
     everything that changes the parse (sets chosen, parser version) into ``key``. ``summary``
     is filled either way (from the parse, or from the copy stored with the cache). Older
-    entries of the same key and raw folder are removed after a successful write.
+    entries of the same key and raw folder (and unkeyed ones of an older format) are removed
+    after a successful write.
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*", key):
         raise ValueError(f"cache key {key!r} must be a plain file name (letters, digits, -_.+=)")
@@ -246,7 +247,9 @@ def cached(
     except OSError as exc:  # a read-only or full disk must not stop the load itself
         logger.warning("%s: could not write cache %s (%s)", key, entry, exc)
         return table
-    stale = re.compile(re.escape(f"{key}-{root}") + r"-[0-9a-f]{16}")
+    # Older entries of this key and folder, and entries of the format before the folder was
+    # part of the name (``<key>-<files>``), which no load can match any more.
+    stale = re.compile(re.escape(key) + f"(-{root})?" + r"-[0-9a-f]{16}")
     for other in cache_dir.iterdir():
         if other != entry and stale.fullmatch(other.name):
             shutil.rmtree(other, ignore_errors=True)
