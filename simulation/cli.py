@@ -2,6 +2,7 @@
 
 hymate-sim                                             federated, synthetic data, report in runs/sim
 hymate-sim --dataset physionet2012 --data DIR --protocol all --out runs/p12
+hymate-sim --dataset physionet2012 --data DIR --sets a --no-cache   only set-a, parsed afresh
 hymate-sim --partition dirichlet:0.3 --sites 8 --strategy fedprox --strategy-option proximal_mu=0.01
 hymate-sim --ray-address 10.0.0.5:6379 ...             on an existing Ray cluster (or set RAY_ADDRESS)
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from hymate.data import DataError
+from hymate.data import DEFAULT_CACHE_DIR, DataError
 from hymate.model import ModelOptions
 from hymate.privacy import DPConfig
 from hymate.train import TrainConfig
@@ -36,9 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data and sites")
     data.add_argument("--dataset", default="synthetic", help="synthetic (generated, default), physionet2012, ...")
     data.add_argument("--data", type=Path, help="folder with the dataset's raw files (not for synthetic)")
+    data.add_argument(
+        "--sets", help="PhysioNet sets to load, comma-separated: a,b,c (physionet2012) or A,B (physionet2019)"
+    )
+    data.add_argument(
+        "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help=f"parsed-data cache (default {DEFAULT_CACHE_DIR})"
+    )
+    data.add_argument("--no-cache", action="store_true", help="parse the raw files on every load, cache nothing")
     data.add_argument("--partition", default="natural", help="natural | iid | dirichlet:ALPHA | quantity:ALPHA")
     data.add_argument("--sites", type=int, default=4, help="number of virtual hospitals (not for natural)")
     data.add_argument("--min-site-size", type=int, default=20, help="fewest stays a site may hold")
+    data.add_argument(
+        "--require-both-classes",
+        action="store_true",
+        help="stop when a site's val or test split lacks a class (default: run, flagged in results.csv and the report)",
+    )
     data.add_argument("--synthetic-sites", type=int, help="sites the synthetic generator makes (default 4)")
     data.add_argument("--synthetic-stays", type=int, help="stays per synthetic site (default 500)")
     run = p.add_argument_group("protocols")
@@ -98,17 +111,16 @@ def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
     protocols = list(PROTOCOLS) if "all" in protocols else [x for item in protocols for x in item.split(",")]
     strategy = StrategySpec.parse(args.strategy, args.strategy_option)
     build_strategy(strategy, 1)  # an unknown strategy or option fails here, before any training
-    options = {}
-    if args.dataset == "synthetic":
-        options = {k: v for k, v in (("n_sites", args.synthetic_sites), ("stays_per_site", args.synthetic_stays)) if v}
     return SimulationSpec(
         out=output_folder(args.out),
         dataset=args.dataset,
         data=args.data,
-        dataset_options=options,
+        dataset_options=dataset_options(args),
+        cache_dir=None if args.no_cache else args.cache_dir,
         partition=PartitionScheme.parse(args.partition),
         sites=args.sites,
         min_site_size=args.min_site_size,
+        require_both_classes=args.require_both_classes,
         protocols=tuple(protocols),
         strategy=strategy,
         rounds=args.rounds,
@@ -135,6 +147,22 @@ def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
         privacy=privacy_settings(args),
         min_sites=args.min_sites,
     )
+
+
+# Datasets that come in sets, and how their set names are written.
+_SET_CASE = {"physionet2012": str.lower, "physionet2019": str.upper}
+
+
+def dataset_options(args: argparse.Namespace) -> dict:
+    """The source options the flags ask for (the loader validates the values)."""
+    options = {}
+    if args.dataset == "synthetic":
+        options = {k: v for k, v in (("n_sites", args.synthetic_sites), ("stays_per_site", args.synthetic_stays)) if v}
+    if args.sets is not None:
+        if args.dataset not in _SET_CASE:
+            raise ValueError(f"--sets applies to {' and '.join(_SET_CASE)}, not to --dataset {args.dataset}")
+        options["sets"] = [_SET_CASE[args.dataset](s.strip()) for s in args.sets.split(",") if s.strip()]
+    return options
 
 
 def privacy_settings(args: argparse.Namespace) -> dict:
@@ -186,10 +214,19 @@ def main(argv: list[str] | None = None) -> int:
         pd.DataFrame(site_summary(experiment)),
         result.federated_runs,
         result.importance,
+        warnings=result.warnings,
     )
     pooled = results[(results["test_site"] == "pooled") & (results["metric"].isin(["auroc", "auprc"]))]
     for (protocol, metric), group in pooled.groupby(["protocol", "metric"]):
         print(f"{protocol:>12} pooled test {metric.upper()}: {group['value'].mean():.4f}")
+    if result.warnings:
+        print(
+            f"hymate-sim: warning: {len(result.warnings)} val/test splits lack a class; their AUROC/AUPRC are "
+            f"undefined (flagged in results.csv and {report.name}):",
+            *result.warnings,
+            sep="\n  ",
+            file=sys.stderr,
+        )
     print(f"report: {report} ({time.perf_counter() - start:.0f} s)")
     return 0
 

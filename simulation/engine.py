@@ -69,6 +69,9 @@ def simulate_federation(
 ) -> RunDirectory:
     """Federate over ``partitions`` (site name -> stay ids); returns the finished run directory.
 
+    ``dataset_options``: the ``load_dataset`` keywords each virtual site loads the dataset with
+    (source options, and ``cache_dir``: the parsed-data cache, None for none).
+
     ``privacy``: DP settings every virtual site trains with (``SiteSettings`` fields such as
     ``epsilon``); ``min_sites``: sites that must reply each round (default: all of them).
     """

@@ -62,7 +62,7 @@ def partition_stays(
     """Site name -> row indices of its stays. ``n_sites`` is ignored by ``natural``."""
     if scheme.kind == "natural":
         sites = {name: np.flatnonzero(table.sites.astype(str) == name) for name in table.site_names()}
-        return _checked(sites, min_size)
+        return _checked(sites, min_size, scheme)
     if n_sites < 1:
         raise PartitionError(f"need at least one site, got {n_sites}")
     _, stay_patient, labels = _patients(table)
@@ -85,7 +85,7 @@ def partition_stays(
     width = len(str(n_sites - 1))
     stay_site = site_of_patient[stay_patient]
     sites = {f"site-{i:0{width}d}": np.flatnonzero(stay_site == i) for i in range(n_sites)}
-    return _checked(sites, min_size)
+    return _checked(sites, min_size, scheme)
 
 
 def _counts(n: int, shares: np.ndarray) -> np.ndarray:
@@ -96,12 +96,23 @@ def _counts(n: int, shares: np.ndarray) -> np.ndarray:
     return counts
 
 
-def _checked(sites: dict[str, np.ndarray], min_size: int) -> dict[str, np.ndarray]:
+def _remedy(scheme: PartitionScheme) -> str:
+    """What a user can change, for this scheme, to make every site large enough."""
+    if scheme.kind == "natural":
+        return (
+            "lower --min-site-size, or use another --partition (e.g. iid with --sites N): the natural sites are fixed"
+        )
+    if scheme.kind == "iid":
+        return "use fewer --sites or a lower --min-site-size"
+    return f"use fewer --sites, a larger ALPHA than {scheme.alpha:g} or a lower --min-site-size"
+
+
+def _checked(sites: dict[str, np.ndarray], min_size: int, scheme: PartitionScheme) -> dict[str, np.ndarray]:
     small = {name: len(rows) for name, rows in sites.items() if len(rows) < max(min_size, 1)}
     if small:
         detail = ", ".join(f"{name}: {n} stays" for name, n in sorted(small.items()))
         raise PartitionError(
-            f"partition leaves sites below the minimum of {max(min_size, 1)} stays ({detail}); "
-            "use fewer sites, a larger ALPHA or a lower --min-site-size"
+            f"{scheme.kind} partition leaves sites below the minimum of {max(min_size, 1)} stays ({detail}); "
+            f"{_remedy(scheme)}"
         )
     return sites

@@ -27,14 +27,14 @@ from tqdm import tqdm
 
 from client.local_norms import load_local_norms
 from hymate.centralized import train_centralized
-from hymate.data import concat_tables, load_dataset, split_stays
+from hymate.data import DEFAULT_CACHE_DIR, DataError, concat_tables, load_dataset, split_stays
 from hymate.data.batches import StayDataset, make_loader
 from hymate.data.stays import StayTable
 from hymate.model import HyMaTE, ModelOptions
 from hymate.model_bundle import ModelBundle
 from hymate.train import TrainConfig, fit, positive_class_weight
 from simulation.engine import EngineSettings, simulate_federation
-from simulation.evaluation import Predictions, metric_rows, predict, variable_importance
+from simulation.evaluation import metric_rows, predict, variable_importance
 from simulation.partitioners import PartitionScheme, partition_stays
 from strategies.registry import StrategySpec
 
@@ -49,6 +49,7 @@ class SimulationSpec:
     dataset: str = "synthetic"
     data: Path | None = None
     dataset_options: dict = field(default_factory=dict)
+    cache_dir: Path | None = DEFAULT_CACHE_DIR  # parsed-data cache of the simulator and every site; None: none
     partition: PartitionScheme = field(default_factory=lambda: PartitionScheme("natural"))
     sites: int = 4
     min_site_size: int = 20
@@ -65,11 +66,22 @@ class SimulationSpec:
     bootstrap: int = 200
     privacy: dict = field(default_factory=dict)  # DP settings of every virtual site (SiteSettings fields)
     min_sites: int | None = None  # sites that must reply in a federated round (default: all)
+    # Each site's split is stratified by label, so its val and test splits hold both classes
+    # whenever it has three patients of each. One with fewer (a natural unit with two deaths, a
+    # label-skewed virtual site) cannot: a loud warning carried into results.csv, sites.csv and
+    # the report, or with this an error.
+    require_both_classes: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.protocols) - set(PROTOCOLS)
         if unknown:
             raise ValueError(f"unknown protocol(s) {sorted(unknown)}; valid: {', '.join(PROTOCOLS)}")
+
+    def load_options(self) -> dict:
+        """``load_dataset`` keywords, the same for the simulator and each virtual site's ClientApp
+        (they travel in its manifest, so JSON types: the cache folder as an absolute path)."""
+        cache_dir = str(Path(self.cache_dir).resolve()) if self.cache_dir is not None else None
+        return dict(self.dataset_options) | {"cache_dir": cache_dir}
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,7 @@ class ExperimentResult:
     federated_runs: dict[str, Path] = field(default_factory=dict)  # label -> run dir
     importance: dict[str, float] = field(default_factory=dict)
     variables: tuple[str, ...] = ()
+    warnings: list[str] = field(default_factory=list)  # splits allowed without both classes
 
 
 class Experiment:
@@ -92,22 +105,57 @@ class Experiment:
 
     def __init__(self, spec: SimulationSpec):
         self.spec = spec
-        self.table = load_dataset(spec.dataset, spec.data, **spec.dataset_options)
+        self.table = load_dataset(spec.dataset, spec.data, **spec.load_options())
         rows = partition_stays(
             self.table, spec.partition, spec.sites, seed=spec.split_seed, min_size=spec.min_site_size
         )
         self.site_rows = rows
-        self.sites: dict[str, SiteSplit] = {}
-        for name, index in rows.items():
-            site_table = self.table.subset(index)
-            self.sites[name] = SiteSplit(*split_stays(site_table, seed=spec.split_seed).tables(site_table))
         self.result = ExperimentResult(variables=self.table.variables)
+        self.one_class: dict[str, dict[str, str]] = {}  # site -> split name -> why it lacks a class
+        self.sites: dict[str, SiteSplit] = {name: self._split_site(name, index) for name, index in rows.items()}
         self._bundles: dict[int, ModelBundle] = {}
+
+    def _split_site(self, name: str, index: np.ndarray) -> SiteSplit:
+        """The site's own split, stratified by label over the site's stays (a virtual site's
+        stays keep their source hospital in ``sites``; that must not stratify the split)."""
+        spec = self.spec
+        site_table = self.table.subset(index)
+        try:
+            split = split_stays(
+                site_table, seed=spec.split_seed, require_both_classes=spec.require_both_classes, site=name
+            )
+        except DataError as e:
+            remedy = (
+                "the natural partition's sites are the data's own: use another partition (e.g. --partition iid "
+                "--sites 2)"
+                if spec.partition.kind == "natural"
+                else "use fewer --sites, a larger ALPHA or another --partition"
+            )
+            raise DataError(
+                f"{e}. {remedy}, or leave out --require-both-classes to run anyway "
+                "(that site's metrics are then flagged in results.csv and report.md)"
+            ) from e
+        if split.one_class:
+            self.one_class[name] = split.one_class
+            self.result.warnings += list(split.one_class.values())
+        return SiteSplit(*split.tables(site_table))
 
     # -- helpers --------------------------------------------------------------------
 
-    def _rows(self, predictions: Predictions, seed: int, **keys) -> list[dict]:
-        return metric_rows(predictions, n_resamples=self.spec.bootstrap, bootstrap_seed=seed, seed=seed, **keys)
+    def _score(self, model: HyMaTE, normalizer, table: StayTable, seed: int, test_site: str, **keys) -> None:
+        """Predict ``table`` on the requested device and add its metric rows: the one scoring
+        path of every protocol. Rows of a test split without both classes carry its warning."""
+        p = predict(model, normalizer, table, self.spec.train.max_events, self.spec.train.device)
+        warning = self.one_class.get(test_site, {}).get("test", "")
+        self.result.rows += metric_rows(
+            p,
+            n_resamples=self.spec.bootstrap,
+            bootstrap_seed=seed,
+            seed=seed,
+            test_site=test_site,
+            warning=warning,
+            **keys,
+        )
 
     def _pooled(self, part: str, names: list[str] | None = None) -> StayTable:
         names = names or list(self.sites)
@@ -116,12 +164,10 @@ class Experiment:
     def _score_everywhere(
         self, model: HyMaTE, normalizer, seed: int, protocol: str, strategy: str, train_sites: str
     ) -> None:
-        max_events = self.spec.train.max_events
         tests = {name: s.test for name, s in self.sites.items()} | {"pooled": self._pooled("test")}
         for test_site, table in tests.items():
-            p = predict(model, normalizer, table, max_events, self.spec.train.device)
-            self.result.rows += self._rows(
-                p, seed, protocol=protocol, strategy=strategy, train_sites=train_sites, test_site=test_site
+            self._score(
+                model, normalizer, table, seed, test_site, protocol=protocol, strategy=strategy, train_sites=train_sites
             )
 
     def _train_config(self, seed: int) -> TrainConfig:
@@ -152,14 +198,15 @@ class Experiment:
         for held_out in self.sites:
             others = [n for n in self.sites if n != held_out]
             bundle = self._federate(seed, others, f"loso-{held_out}-seed{seed}")
-            p = predict(bundle.build(), bundle.normalizer, self.sites[held_out].test, self.spec.train.max_events)
-            self.result.rows += self._rows(
-                p,
+            self._score(
+                bundle.build(),
+                bundle.normalizer,
+                self.sites[held_out].test,
                 seed,
+                held_out,
                 protocol="loso",
                 strategy=self.spec.strategy.name,
                 train_sites=f"all-but-{held_out}",
-                test_site=held_out,
             )
 
     def personalized(self, seed: int) -> None:
@@ -174,14 +221,15 @@ class Experiment:
             train = make_loader_for(site.train, bundle, config, shuffle=True)
             val = make_loader_for(site.val, bundle, config, shuffle=False)
             fit(model, train, val, config, positive_class_weight(site.train.labels))
-            p = predict(model, bundle.normalizer, site.test, config.max_events, config.device)
-            self.result.rows += self._rows(
-                p,
+            self._score(
+                model,
+                bundle.normalizer,
+                site.test,
                 seed,
+                name,
                 protocol="personalized",
                 strategy=self.spec.strategy.name,
                 train_sites=f"all+{name}",
-                test_site=name,
             )
 
     def fedbn(self, seed: int) -> None:
@@ -191,9 +239,15 @@ class Experiment:
             model = bundle.build()
             if not load_local_norms(model, self.result.federated_runs[label] / "sites" / name):
                 raise RuntimeError(f"site {name} kept no normalisation layers in {label}")
-            p = predict(model, bundle.normalizer, site.test, self.spec.train.max_events, self.spec.train.device)
-            self.result.rows += self._rows(
-                p, seed, protocol="fedbn", strategy=self.spec.strategy.name, train_sites=f"all+{name}", test_site=name
+            self._score(
+                model,
+                bundle.normalizer,
+                site.test,
+                seed,
+                name,
+                protocol="fedbn",
+                strategy=self.spec.strategy.name,
+                train_sites=f"all+{name}",
             )
 
     # -- federation -----------------------------------------------------------------
@@ -226,7 +280,7 @@ class Experiment:
             runs = simulate_federation(
                 spec.dataset,
                 str(spec.data) if spec.data else None,
-                spec.dataset_options,
+                spec.load_options(),
                 partitions,
                 run_config,
                 run_dir,
@@ -267,7 +321,8 @@ def _progress(bar: tqdm) -> Callable[[list[int]], None]:
 
 
 def site_summary(experiment: Experiment) -> list[dict]:
-    """Per-site sizes and prevalence (what a reader needs to judge per-site metrics)."""
+    """Per-site sizes, each split's own positives, and prevalence (what a reader needs to judge
+    per-site metrics), with the warning of any split allowed without both classes."""
     return [
         {
             "site": name,
@@ -275,7 +330,11 @@ def site_summary(experiment: Experiment) -> list[dict]:
             "train": len(s.train),
             "val": len(s.val),
             "test": len(s.test),
+            "train positives": int(s.train.labels.sum()),
+            "val positives": int(s.val.labels.sum()),
+            "test positives": int(s.test.labels.sum()),
             "prevalence": float(np.mean(np.concatenate([s.train.labels, s.val.labels, s.test.labels]))),
+            "warning": "; ".join(experiment.one_class.get(name, {}).values()),
         }
         for name, s in experiment.sites.items()
     ]

@@ -2,8 +2,9 @@
 
 ```
 out/results.csv          protocol x strategy x train sites x test site x metric x seed,
-                         with bootstrap 95 % intervals (FLamby-style tidy rows)
-out/sites.csv            size and prevalence of each virtual hospital
+                         with bootstrap 95 % intervals (FLamby-style tidy rows); ``warning``
+                         says why a row's test split lacks a class
+out/sites.csv            size, per-split positives and prevalence of each virtual hospital
 out/curves.csv/.png      federated AUROC/AUPRC per site and round
 out/heatmap_auroc.png    train site x test site AUROC (local models, centralized, federated)
 out/heatmap_auprc.png
@@ -40,6 +41,7 @@ RESULT_COLUMNS = [
     "n",
     "positives",
     "seed",
+    "warning",
 ]
 
 
@@ -184,6 +186,7 @@ def write_report(
     sites: pd.DataFrame,
     runs: dict[str, Path],
     importance: dict[str, float],
+    warnings: list[str] | None = None,
 ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "results.csv", results)
@@ -201,7 +204,19 @@ def write_report(
         "heatmap_auprc.png": plot_heatmap(heatmap_matrix(results, "auprc"), "auprc", out / "heatmap_auprc.png"),
         "importance.png": plot_importance(imp, out / "importance.png"),
     }
-    lines = [f"# {title}", "", "## Setup", ""]
+    lines = [f"# {title}", ""]
+    if warnings:
+        lines += [
+            "## Warnings: splits without both classes",
+            "",
+            "These val or test splits hold patients of one class only: their AUROC and AUPRC are undefined "
+            "(NaN), early stopping on them is blind, and the rows of such a test split carry this in "
+            "results.csv (`warning`).",
+            "",
+            *(f"- **warning**: {w}" for w in warnings),
+            "",
+        ]
+    lines += ["## Setup", ""]
     lines += [f"- **{k}**: {v}" for k, v in setup.items()]
     lines += ["", "## Virtual hospitals", "", markdown_table(sites.round(3))]
     lines += [

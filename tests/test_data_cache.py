@@ -160,3 +160,56 @@ def test_fingerprint_and_key_validation(tmp_path):
         fingerprint(tmp_path / "nope")
     with pytest.raises(ValueError, match="plain file name"):
         cached(CountingLoader(), tmp_path / "raw", tmp_path / "c", "../escape")
+
+
+def test_in_place_edit_keeping_size_and_mtime_is_noticed(tmp_path):
+    raw, cache = tmp_path / "raw", tmp_path / "cache"
+    _write_raw(raw, 3)
+    loader = CountingLoader()
+    assert cached(loader, raw, cache, "demo").values[0] == 0.0
+    stat = os.stat(raw / "0.txt")
+    (raw / "0.txt").write_text("7\n")  # same size, new content, and the mtime forced back
+    os.utime(raw / "0.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(raw / "0.txt").st_mtime_ns == stat.st_mtime_ns
+    assert cached(loader, raw, cache, "demo").values[0] == 7.0
+    assert loader.calls == 2
+
+
+def test_files_in_a_linked_folder_are_fingerprinted(tmp_path):
+    real, raw, cache = tmp_path / "elsewhere", tmp_path / "raw", tmp_path / "cache"
+    _write_raw(real, 2)
+    raw.mkdir()
+    (raw / "set-a").symlink_to(real, target_is_directory=True)
+    (raw / "loop").symlink_to(raw, target_is_directory=True)  # a cycle is walked once, not forever
+
+    def loader(root: Path, summary: LoadSummary) -> StayTable:
+        loader.calls += 1
+        return CountingLoader()(root / "set-a", summary)
+
+    loader.calls = 0
+    assert len(cached(loader, raw, cache, "demo")) == 2
+    (real / "2.txt").write_text("2\n")  # a new file inside the linked folder
+    assert len(cached(loader, raw, cache, "demo")) == 3
+    assert loader.calls == 2
+
+
+def test_two_roots_with_the_same_layout_do_not_share_an_entry(tmp_path):
+    first, second, cache = tmp_path / "one" / "raw", tmp_path / "two" / "raw", tmp_path / "cache"
+    for root, value in ((first, "1\n"), (second, "2\n")):
+        root.mkdir(parents=True)
+        (root / "0.txt").write_text(value)
+        os.utime(root / "0.txt", ns=(10**18, 10**18))  # identical names, sizes and mtimes
+    loader = CountingLoader()
+    (cache / "demo-0123456789abcdef").mkdir(parents=True)  # an entry named before roots were in the key
+    assert cached(loader, first, cache, "demo").values[0] == 1.0
+    assert not (cache / "demo-0123456789abcdef").exists()
+    assert cached(loader, second, cache, "demo").values[0] == 2.0
+    assert cached(loader, first, cache, "demo").values[0] == 1.0  # each root keeps its own entry
+    assert loader.calls == 2 and len(list(cache.iterdir())) == 2
+
+
+def test_a_dangling_link_is_a_data_error_naming_it(tmp_path):
+    _write_raw(tmp_path / "raw", 1)
+    (tmp_path / "raw" / "gone.txt").symlink_to(tmp_path / "missing.txt")
+    with pytest.raises(DataError, match="gone.txt: cannot read the raw file"):
+        fingerprint(tmp_path / "raw")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -265,3 +266,51 @@ def test_load_dataset_dispatch_and_cache_per_window(tmp_path):
     day = load_dataset("eicu", root, cache_dir=cache, observation_hours=24)
     assert day.times.max() <= 24 and len(day) == 3
     assert len(list(cache.iterdir())) == 2
+
+
+def test_every_missing_table_is_named_at_once(tmp_path):
+    root = write_eicu(tmp_path, patient=None, lab=None)
+    with pytest.raises(DataError) as err:
+        load_eicu(root)
+    assert str(err.value) == (
+        f"{root / 'patient'}.csv(.gz): table file not found; {root / 'lab'}.csv(.gz): table file not found"
+    )
+
+
+def test_a_truncated_compressed_table_names_the_file(tmp_path):
+    rows = "".join(f"{9 + i},141764,{i % 2880},1,sodium,{130 + i % 17},x,mmol/L,mmol/L,0\n" for i in range(200_000))
+    root = write_eicu(tmp_path, lab=LAB + rows)  # large enough that the header is read before the cut
+    data = (root / "lab.csv.gz").read_bytes()
+    (root / "lab.csv.gz").write_bytes(data[: len(data) // 2])  # the rest of the stream is cut off
+    with pytest.raises(DataError, match=r"lab\.csv\.gz: truncated or corrupt file, unreadable after line \d+ \("):
+        load_eicu(root)
+
+
+def test_a_value_beyond_float32_names_file_line_and_column(tmp_path):
+    root = write_eicu(tmp_path, vitalPeriodic=VITAL_PERIODIC.replace(",82,", ",1e39,"))
+    with pytest.raises(DataError, match=r"vitalPeriodic\.csv:4: column heartrate value '1e39' is not a finite number"):
+        load_eicu(root)
+    root = write_eicu(tmp_path / "static", patient=PATIENT.replace(",157.5,", ",-4e38,"))
+    with pytest.raises(DataError, match=r"patient\.csv\.gz:3: column admissionheight value '-4e38'"):
+        load_eicu(root)
+
+
+def test_a_header_only_table_is_counted_and_warned_about(tmp_path, caplog):
+    root = write_eicu(tmp_path, lab=LAB.splitlines()[0] + "\n")
+    summary = LoadSummary("eicu")
+    with caplog.at_level(logging.WARNING):
+        table = load_eicu(root, summary)
+    assert summary.counts["empty_table_lab"] == 1 and "empty_table_lab: 1" in str(summary)
+    assert "lab.csv.gz: the table has a header but no rows" in caplog.text
+    assert len(table) == 3
+
+
+def test_a_dataset_with_no_stay_left_is_a_data_error_naming_the_folder(tmp_path):
+    root = write_eicu(tmp_path)
+    with pytest.raises(DataError) as err:
+        load_dataset("eicu", root, cache_dir=None, min_stay_hours=1000)
+    assert str(err.value).startswith(f"{root}: eicu has no stays left after its exclusions (eicu: 0 stays, 0 events (")
+    assert "excluded_" in str(err.value)
+    root = write_eicu(tmp_path / "empty", patient=PATIENT.splitlines()[0] + "\n")
+    with pytest.raises(DataError, match=r"no stays left .*empty_table_patient: 1"):
+        load_dataset("eicu", root, cache_dir=None)

@@ -251,7 +251,25 @@ def test_load_dataset_dispatch_and_cache_per_window(tmp_path):
     assert summary.counts["excluded_short_stay"] == 1  # the summary survives the cache
     day = load_dataset("mimic4", root, cache_dir=cache, observation_hours=24)
     assert day.times.max() <= 24
-    assert sorted(p.name.rsplit("-", 1)[0] for p in cache.iterdir()) == [
+    assert sorted(p.name.rsplit("-", 2)[0] for p in cache.iterdir()) == [
         "mimic4-w24-m24-sall-v1",
         "mimic4-w48-m48-sall-v1",
     ]
+
+
+def test_every_missing_table_is_named_at_once(tmp_path):
+    root = write_mimic4(tmp_path, chartevents=None, admissions=None, patients=None)
+    with pytest.raises(DataError) as err:
+        load_mimic4(root)
+    assert str(err.value).split("; ") == [
+        f"{root / 'icu' / 'chartevents'}.csv(.gz): table file not found",
+        f"{root / 'hosp' / 'admissions'}.csv(.gz): table file not found",
+        f"{root / 'hosp' / 'patients'}.csv(.gz): table file not found",
+    ]
+
+
+def test_a_header_only_event_table_is_counted(tmp_path):
+    root = write_mimic4(tmp_path, labevents=LABEVENTS.splitlines()[0] + "\n")
+    summary = LoadSummary("mimic4")
+    table = load_mimic4(root, summary)
+    assert summary.counts["empty_table_labevents"] == 1 and len(table) > 0

@@ -263,3 +263,20 @@ def test_real_physionet2012(p12_root):
     times, ids, values = table.events(i)
     assert math.isclose(float(times[0]), 7 / 60, rel_tol=1e-6)
     assert table.variables[ids[0] - 1] == "GCS" and values[0] == 15
+
+
+def test_a_value_beyond_float32_names_file_and_line(tmp_path):
+    record = RECORD_1.replace("00:37,HR,77", "00:37,HR,1e39")  # finite as float64, inf as float32
+    root = write_p12(tmp_path, {"132539": record, "132540": RECORD_2, "132541": RECORD_3})
+    with pytest.raises(DataError, match=r"132539\.txt:10: value '1e39' of HR is beyond the float32 range"):
+        load_physionet2012(root, sets=("a",))
+
+
+def test_a_folder_holding_only_set_a_loads_with_sets_and_says_so_without(tmp_path):
+    root = write_p12(tmp_path / "raw")
+    with pytest.raises(DataError, match=r"set-b: set folder not found .* sets present \(a\), pass sets=\('a',\)"):
+        load_dataset("physionet2012", root, cache_dir=None)
+    table = load_dataset("physionet2012", root, cache_dir=tmp_path / "cache", sets=["a"])  # a list, as JSON gives
+    assert table.name == "physionet2012-a" and len(table) == 3
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert entry.name.startswith("physionet2012-a-v")  # the sets chosen are part of the cache key

@@ -244,7 +244,7 @@ def test_load_dataset_dispatch_and_cache_per_task(tmp_path):
     assert summary.counts["excluded_onset_unknown"] == 1  # the summary survives the cache
     other = load_dataset("physionet2019", root, cache_dir=cache, observation_hours=4)
     assert len(other) == 6 and other.times.max() <= 4
-    assert sorted(p.name.rsplit("-", 1)[0] for p in cache.iterdir()) == [
+    assert sorted(p.name.rsplit("-", 2)[0] for p in cache.iterdir()) == [
         "physionet2019-w10-g0-v1",
         "physionet2019-w4-g0-v1",
     ]
@@ -285,3 +285,30 @@ def test_real_physionet2019(p19_root):
     np.testing.assert_allclose(table.static[i], [83.14, 0, np.nan, -0.03], rtol=1e-6)
     times, ids, values = table.events(i)
     assert times[0] == 2 and table.variables[ids[0] - 1] == "HR" and values[0] == 97
+
+
+def test_a_value_beyond_float32_names_file_and_line(tmp_path):
+    # 1e39 is finite as float64 but parses to inf as float32: once reported for the folder only.
+    root = write_p19(tmp_path, a={"p000001": GOOD, "p000009": GOOD.replace("|37.5|", "|1e39|")}, b={})
+    with pytest.raises(DataError, match=r"p000009\.psv:3: Temp value '1e39' is beyond the float32 range"):
+        load_physionet2019(root, sets=("A",))
+
+
+def test_a_folder_holding_only_set_a_loads_with_sets_and_says_so_without(tmp_path):
+    root = write_p19(tmp_path / "raw", b={})
+    (root / "training_setB").rmdir()
+    with pytest.raises(DataError, match=r"sets present \(A\), pass sets=\('A',\) or hymate-sim --sets A"):
+        load_dataset("physionet2019", root, cache_dir=None)
+    table = load_dataset("physionet2019", root, cache_dir=tmp_path / "cache", sets=["A"], observation_hours=W)
+    assert table.name == "physionet2019-A" and set(table.sites) == {"hospital_A"} and len(table) == 3
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert entry.name.startswith("physionet2019-A-w10-g0-v1-")
+
+
+def test_no_stay_left_after_the_exclusions_is_a_data_error(tmp_path):
+    # Every record ends inside a 20-hour window: all excluded (once an IndexError or an empty run).
+    root = write_p19(tmp_path, a={"p000006": RECORDS_A["p000006"]}, b={})
+    with pytest.raises(DataError) as err:
+        load_dataset("physionet2019", root, cache_dir=None, sets=("A",), observation_hours=20)
+    assert str(err.value).startswith(f"{root}: physionet2019 has no stays left after its exclusions (")
+    assert "excluded_ended_in_window: 1" in str(err.value)

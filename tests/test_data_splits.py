@@ -1,4 +1,4 @@
-"""Patient-level, per-site, stratified splits."""
+"""Patient-level, label-stratified splits of one site."""
 
 from __future__ import annotations
 
@@ -39,16 +39,14 @@ def test_disjoint_complete_patient_level(table):
         assert p.dtype == np.int64 and np.all(np.diff(p) > 0)
 
 
-def test_fractions_and_stratification_per_site(table):
-    split = split_stays(table, fractions=(0.7, 0.15, 0.15), seed=0)
+def test_fractions_and_stratification_of_each_site(table):
     for site in table.site_names():
-        in_site = table.sites == site
-        n_site = in_site.sum()
-        prevalence = table.labels[in_site].mean()
+        alone = table.where_site(site)
+        split = split_stays(alone, fractions=(0.7, 0.15, 0.15), seed=0)
+        prevalence = alone.labels.mean()
         for part, fraction in ((split.train, 0.7), (split.val, 0.15), (split.test, 0.15)):
-            rows = part[in_site[part]]
-            assert abs(len(rows) / n_site - fraction) < 0.03
-            assert abs(table.labels[rows].mean() - prevalence) < 0.035
+            assert abs(len(part) / len(alone) - fraction) < 0.03
+            assert abs(alone.labels[part].mean() - prevalence) < 0.035
 
 
 def test_deterministic_and_order_independent(table):
@@ -64,13 +62,36 @@ def test_deterministic_and_order_independent(table):
         assert set(table.stay_ids[a.parts()[name]]) == set(table.subset(perm).stay_ids[shuffled.parts()[name]])
 
 
-def test_site_split_does_not_depend_on_other_sites(table):
-    whole = split_stays(table, seed=3)
-    alone = split_stays(table.where_site("site-1"), seed=3)
-    site_rows = np.flatnonzero(table.sites == "site-1")
-    assert set(table.stay_ids[np.intersect1d(whole.test, site_rows)]) == set(
-        table.where_site("site-1").stay_ids[alone.test]
-    )
+def _virtual_site(n_hospitals: int, patients_each: int, positives_each: int):
+    """One virtual site drawn from many small hospitals, each keeping its name in ``sites``."""
+    stays = [
+        StayRecord(f"s{h}-{i}", f"p{h}-{i}", f"hospital-{h}", int(i < positives_each), [], [0.5], [1], [1.0])
+        for h in range(n_hospitals)
+        for i in range(patients_each)
+    ]
+    return table_from_stays("demo", ["x"], [], stays)
+
+
+def test_a_virtual_site_is_stratified_as_one_site_not_by_its_original_hospitals():
+    # 60 hospitals of 2 patients, one positive each: every (hospital, label) stratum has one
+    # patient, so stratifying by the original hospital put all 60 positives in train.
+    t = _virtual_site(60, 2, 1)
+    split = split_stays(t, seed=0, require_both_classes=True, site="site-0")
+    positives = [int(t.labels[p].sum()) for p in (split.train, split.val, split.test)]
+    assert positives == [42, 9, 9]
+    assert [len(p) for p in (split.train, split.val, split.test)] == [84, 18, 18]
+    assert split.one_class is None
+
+
+def test_a_one_site_table_keeps_the_split_it_had_per_site(table):
+    # The stream of a one-site table is named by that site, as the per-site split's was, so
+    # natural partitions keep their splits (these stay counts were measured on the old code).
+    alone = table.where_site("site-1")
+    split = split_stays(alone, seed=3)
+    test = sorted(alone.stay_ids[split.test])
+    assert len(test) == 41
+    assert test[:3] == ["site-1-stay-012", "site-1-stay-019", "site-1-stay-037"]
+    assert test[-3:] == ["site-1-stay-266", "site-1-stay-272", "site-1-stay-294"]
 
 
 def test_tiny_site_keeps_one_positive_per_split():
@@ -85,8 +106,12 @@ def test_too_few_positives_warns_or_raises(caplog):
         split = split_stays(t, seed=0)
     assert "site 'tiny' has no positive patient in its val split" in caplog.text
     assert t.labels[split.train].sum() == 1  # the lone positive trains
-    with pytest.raises(DataError, match="site 'tiny' has no positive patient in its val split"):
-        split_stays(t, seed=0, require_both_classes=True)
+    assert sorted(split.one_class) == ["test", "val"]
+    assert (
+        "(0 positive and 2 negative patients there; the site has 1 positives of 10 patients)" in split.one_class["val"]
+    )
+    with pytest.raises(DataError, match="site 'ward-7' has no positive patient in its val split \\(0 positive and 2"):
+        split_stays(t, seed=0, require_both_classes=True, site="ward-7")
 
 
 def test_bad_fractions():

@@ -91,3 +91,22 @@ def test_a_site_below_the_minimum_is_a_clear_error(table):
 def test_bad_schemes_are_named(text):
     with pytest.raises(PartitionError, match=text.split(":")[0]):
         PartitionScheme.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "remedy"),
+    [
+        ("natural", "lower --min-site-size, or use another --partition (e.g. iid with --sites N)"),
+        ("iid", "use fewer --sites or a lower --min-site-size"),
+        ("dirichlet:0.3", "use fewer --sites, a larger ALPHA than 0.3 or a lower --min-site-size"),
+        ("quantity:2", "use fewer --sites, a larger ALPHA than 2 or a lower --min-site-size"),
+    ],
+)
+def test_the_minimum_size_error_suggests_what_applies_to_the_partition(table, scheme, remedy):
+    with pytest.raises(PartitionError) as err:
+        partition_stays(table, PartitionScheme.parse(scheme), 8, min_size=400)
+    message = str(err.value)
+    assert message.startswith(f"{scheme.split(':')[0]} partition leaves sites below the minimum of 400 stays (")
+    assert message.endswith(remedy + (": the natural sites are fixed" if scheme == "natural" else ""))
+    if scheme == "natural":
+        assert "ALPHA" not in message and "fewer --sites" not in message

@@ -117,19 +117,24 @@ def load_dataset(
     ``root`` None means the project's default location (``.cache/data/<name>``; ignored by
     "synthetic"). ``cache_dir`` None disables the cache. ``options`` go to the source, e.g.
     ``sets=("a",)`` for PhysioNet 2012 or ``n_sites=8`` for synthetic data. ``summary`` is
-    filled with what the loader counted.
+    filled with what the loader counted. A dataset left with no stay (every record excluded,
+    or empty tables) is a DataError naming the folder and what was counted.
     """
     try:
         loader = DATASETS[name]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}") from None
     summary = summary if summary is not None else LoadSummary(source=name)
-    return loader(
+    table = loader(
         Path(root) if root is not None else None,
         Path(cache_dir) if cache_dir is not None else None,
         summary,
         **options,
     )
+    if not len(table):
+        where = root if root is not None else DEFAULT_RAW_DIR / name
+        raise DataError(f"{where}: {name} has no stays left after its exclusions ({summary})")
+    return table
 
 
 __all__ = [

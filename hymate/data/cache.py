@@ -6,10 +6,25 @@ in table order) and ``meta.json`` (name, vocabulary, static names, the loader's 
 Arrays come back with the dtypes they were saved with, so a round trip is exact.
 
 Writes are atomic: the directory is written under a temporary name beside its target and
-renamed into place, so an interrupted write leaves no half cache. :func:`cached` keys each
-entry on a cheap fingerprint of the raw folder (relative paths, sizes and modification
-times), so editing, adding or removing a raw file forces a re-parse, and a cache that cannot
-be read back (truncated, corrupt, wrong format) is logged, removed and rebuilt.
+renamed into place, so an interrupted write leaves no half cache. A cache that cannot be read
+back (truncated, corrupt, wrong format) is logged, removed and rebuilt.
+
+:func:`cached` names each entry ``<key>-<root>-<files>``: ``root`` hashes the raw folder's
+resolved path (two folders with the same layout never share an entry), ``files`` hashes, for
+every file under it (symbolic links to folders and files followed), its relative path, size,
+inode, device, modification time and status-change time (ns). The status-change time
+(ctime) moves on every write to a file and cannot be set back by its owner (``touch`` and
+``os.utime`` set only mtime and atime), so an in-place edit that keeps size and mtime still
+forces a re-parse. Hashing the contents instead would read every byte on every load;
+measured once on PhysioNet 2012 (12,003 files, 83 MB) on a loaded 2-core machine: this stat
+walk 0.25-0.43 s, a SHA-256 of the contents 0.7 s with the files in the page cache and 2.5 s
+on the first pass, against about 0.4 s for reading the parquet cache itself.
+
+Not detected: a change that leaves size, inode, mtime and ctime all equal: a same-size edit
+within one timestamp tick of the file's previous write (the kernel's coarse clock, a few
+milliseconds on ext4; 2 s on FAT), a clock set back, or a file system that keeps no ctime.
+Re-parsed needlessly: after a chmod, rename or copy of a raw file (its ctime or inode moves),
+and after the raw folder is moved (its resolved path is part of the key).
 """
 
 from __future__ import annotations
@@ -155,19 +170,43 @@ def load_table(path: str | Path, summary: LoadSummary | None = None) -> StayTabl
     return table
 
 
+def _file_entries(raw_root: Path) -> list[str]:
+    """One line per file under ``raw_root``, links followed (a linked folder visited once)."""
+    entries = []
+    visited: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(raw_root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in visited:  # a link back up the tree: walk it once
+            dirs.clear()
+            continue
+        visited.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            try:
+                st = os.stat(path)
+            except OSError as exc:  # e.g. a link to a file that is gone
+                raise DataError(f"{path}: cannot read the raw file ({exc.strerror})") from exc
+            rel = os.path.relpath(path, raw_root)
+            entries.append(f"{rel}\0{st.st_size}\0{st.st_ino}\0{st.st_dev}\0{st.st_mtime_ns}\0{st.st_ctime_ns}")
+    return entries
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def root_id(raw_root: str | Path) -> str:
+    """A hash of the raw folder's resolved path: which folder, not what it holds."""
+    return _hash(str(Path(raw_root).resolve()))
+
+
 def fingerprint(raw_root: str | Path) -> str:
-    """A cheap hash of every file under ``raw_root``: relative path, size, mtime (ns)."""
+    """A hash of every file under ``raw_root`` (see the module docstring for what it covers)."""
     raw_root = Path(raw_root)
     if not raw_root.is_dir():
         raise DataError(f"{raw_root}: raw data folder not found")
-    entries = []
-    for folder, dirs, files in os.walk(raw_root):
-        dirs.sort()
-        for name in sorted(files):
-            st = os.stat(os.path.join(folder, name))
-            rel = os.path.relpath(os.path.join(folder, name), raw_root)
-            entries.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}")
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+    return _hash("\n".join(_file_entries(raw_root)))
 
 
 def cached(
@@ -179,16 +218,18 @@ def cached(
 ) -> StayTable:
     """``loader_fn(raw_root, summary)``, parsed once and then read from a parquet cache.
 
-    The entry is ``cache_dir/<key>-<fingerprint of raw_root>``; put everything that changes
-    the parse (sets chosen, parser version) into ``key``. ``summary`` is filled either way
-    (from the parse, or from the copy stored with the cache). Older entries of the same key
-    are removed after a successful write.
+    The entry is ``cache_dir/<key>-<root_id(raw_root)>-<fingerprint(raw_root)>``; put
+    everything that changes the parse (sets chosen, parser version) into ``key``. ``summary``
+    is filled either way (from the parse, or from the copy stored with the cache). Older
+    entries of the same key and raw folder (and unkeyed ones of an older format) are removed
+    after a successful write.
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*", key):
         raise ValueError(f"cache key {key!r} must be a plain file name (letters, digits, -_.+=)")
     raw_root, cache_dir = Path(raw_root), Path(cache_dir)
     summary = summary if summary is not None else LoadSummary(source=key)
-    entry = cache_dir / f"{key}-{fingerprint(raw_root)}"
+    root = root_id(raw_root)
+    entry = cache_dir / f"{key}-{root}-{fingerprint(raw_root)}"
     if entry.exists():
         try:
             table = load_table(entry, summary)
@@ -206,7 +247,9 @@ def cached(
     except OSError as exc:  # a read-only or full disk must not stop the load itself
         logger.warning("%s: could not write cache %s (%s)", key, entry, exc)
         return table
-    stale = re.compile(re.escape(key) + r"-[0-9a-f]{16}")
+    # Older entries of this key and folder, and entries of the format before the folder was
+    # part of the name (``<key>-<files>``), which no load can match any more.
+    stale = re.compile(re.escape(key) + f"(-{root})?" + r"-[0-9a-f]{16}")
     for other in cache_dir.iterdir():
         if other != entry and stale.fullmatch(other.name):
             shutil.rmtree(other, ignore_errors=True)

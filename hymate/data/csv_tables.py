@@ -4,13 +4,16 @@ Both databases ship as many CSV tables (``name.csv`` or ``name.csv.gz``) joined 
 their event tables are far larger than memory (MIMIC-IV ``chartevents`` holds over 300
 million rows). Their loaders share three needs, met here once:
 
-- :func:`find_table`: the file of a table, ``.csv`` or ``.csv.gz`` (file names compared
-  case-insensitively, since copies differ: ``vitalPeriodic.csv.gz`` vs ``vitalperiodic.csv``),
-  or a DataError naming what was looked for.
+- :func:`find_table` / :func:`find_tables`: the file of a table, ``.csv`` or ``.csv.gz``
+  (file names compared case-insensitively, since copies differ: ``vitalPeriodic.csv.gz`` vs
+  ``vitalperiodic.csv``), or one DataError naming every table that is missing.
 - :func:`read_table` / :func:`iter_chunks`: only the needed columns, with declared kinds
   (integer, number, text), in chunks of ``chunk_rows`` rows so memory stays bounded;
-  a missing column raises a DataError naming the file and the column, and a malformed value
-  one naming the file, line and column (found by a slow second pass, only on failure).
+  a missing column raises a DataError naming the file and the column, a malformed value (or
+  a number beyond float32, the type events are stored in) one naming the file, line and
+  column (found by a slow second pass, only on failure), and a truncated or corrupt
+  compressed file one naming the file and the line the reader had reached. A header-only
+  table is warned about and counted in the LoadSummary (``empty_table_<name>``).
 - :func:`pack_events`: long-format events (stay index, time, variable id, value) into a
   :class:`StayTable`, time-sorted within each stay.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -30,7 +34,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from .stays import DataError, StayTable
+from .stays import DataError, LoadSummary, StayTable
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,9 @@ _INTEGER = re.compile(r"\s*[-+]?\d+\s*")
 MISSING = ["", "NaN", "nan", "NULL"]  # how exports write a missing cell (real ones: empty)
 DEFAULT_CHUNK_ROWS = 1_000_000
 _PROGRESS_ROWS = 10_000_000  # log progress through the big tables every this many rows
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # events and statics are stored as float32
+# What a truncated or corrupt .csv.gz raises while it is read (gzip.BadGzipFile is an OSError).
+_BROKEN_FILE = (EOFError, OSError, zlib.error)
 
 
 def find_table(folder: Path, name: str) -> Path:
@@ -53,6 +60,19 @@ def find_table(folder: Path, name: str) -> Path:
         if matches:
             return matches[0]
     raise DataError(f"{folder / name}.csv(.gz): table file not found")
+
+
+def find_tables(wanted: Sequence[tuple[Path, str]]) -> list[Path]:
+    """:func:`find_table` for each (folder, name), with every missing table named in one error."""
+    found, missing = [], []
+    for folder, name in wanted:
+        try:
+            found.append(find_table(folder, name))
+        except DataError as exc:
+            missing.append(str(exc))
+    if missing:
+        raise DataError("; ".join(missing))
+    return found
 
 
 def header(path: Path) -> list[str]:
@@ -88,25 +108,31 @@ def _locate_bad_value(path: Path, kinds: Mapping[str, Kind], chunk_rows: int) ->
                 ok = values.map(lambda v: isinstance(v, str) and bool(_INTEGER.fullmatch(v)))
             else:
                 numbers = pd.to_numeric(values, errors="coerce")
-                ok = values.isna() | (numbers.notna() & np.isfinite(numbers.fillna(0.0)))
+                ok = values.isna() | (numbers.notna() & (numbers.abs().fillna(0.0) <= FLOAT32_MAX))
             bad = np.flatnonzero(~ok.to_numpy(dtype=bool))
             if len(bad):
                 i = int(bad[0])
                 text = values.iloc[i]
                 what = "is missing" if not isinstance(text, str) else f"{text!r} is not an integer"
                 if kinds[column] == "number":
-                    what = f"{text!r} is not a (finite) number"
+                    what = f"{text!r} is not a finite number within the float32 range (|x| <= {FLOAT32_MAX:.3g})"
                 return DataError(f"{path}:{line + i}: column {column} value {what}")
         line += len(chunk)
     return None
 
 
-def iter_chunks(path: Path, kinds: Mapping[str, Kind], chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+def iter_chunks(
+    path: Path,
+    kinds: Mapping[str, Kind],
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    summary: LoadSummary | None = None,
+) -> Iterator[pd.DataFrame]:
     """The ``kinds`` columns of ``path`` in chunks: integers int64, numbers float64, text object.
 
     Empty cells (or ``NaN``, ``NULL``) are NaN in numbers and text; an empty or malformed
-    integer (ids, offsets), or a number cell that is not a finite number, raises a DataError
-    naming file, line and column.
+    integer (ids, offsets), or a number cell that is not a finite number within the float32
+    range, raises a DataError naming file, line and column; a truncated or corrupt file one
+    naming the file. A table without rows is warned about and counted in ``summary``.
     """
     require_columns(path, list(kinds))
     reader = pd.read_csv(
@@ -125,21 +151,39 @@ def iter_chunks(path: Path, kinds: Mapping[str, Kind], chunk_rows: int = DEFAULT
                 chunk = next(reader)
             except StopIteration:
                 logger.info("%s: read %d rows", path, rows)
+                if not rows:
+                    logger.warning("%s: the table has a header but no rows", path)
+                    if summary is not None:
+                        summary.count(f"empty_table_{_table_stem(path)}")
                 return
+            except _BROKEN_FILE as exc:
+                raise DataError(
+                    f"{path}: truncated or corrupt file, unreadable after line {rows + 1} ({type(exc).__name__}: {exc})"
+                ) from exc
             except (ValueError, TypeError, OverflowError) as exc:
                 located = _locate_bad_value(path, kinds, chunk_rows)
                 raise located or DataError(f"{path}: unparseable values ({exc})") from exc
-            if numbers and np.isinf(chunk[numbers].to_numpy(dtype=float)).any():
-                raise _locate_bad_value(path, kinds, chunk_rows) or DataError(f"{path}: infinite values")
+            if numbers and (np.abs(chunk[numbers].to_numpy(dtype=float)) > FLOAT32_MAX).any():
+                raise _locate_bad_value(path, kinds, chunk_rows) or DataError(f"{path}: values beyond float32")
             rows += len(chunk)
             if rows // _PROGRESS_ROWS > (rows - len(chunk)) // _PROGRESS_ROWS:
                 logger.info("%s: %d rows so far", path, rows)
             yield chunk
 
 
-def read_table(path: Path, kinds: Mapping[str, Kind], chunk_rows: int = DEFAULT_CHUNK_ROWS) -> pd.DataFrame:
+def _table_stem(path: Path) -> str:
+    """'vitalPeriodic' for vitalPeriodic.csv.gz."""
+    return path.name.split(".")[0]
+
+
+def read_table(
+    path: Path,
+    kinds: Mapping[str, Kind],
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    summary: LoadSummary | None = None,
+) -> pd.DataFrame:
     """The whole table (for the small ones: patients, stays, admissions)."""
-    chunks = list(iter_chunks(path, kinds, chunk_rows))
+    chunks = list(iter_chunks(path, kinds, chunk_rows, summary))
     if not chunks:
         return pd.DataFrame({c: pd.Series(dtype=_PANDAS_DTYPE[k]) for c, k in kinds.items()})
     return pd.concat(chunks, ignore_index=True)

@@ -70,6 +70,7 @@ from .csv_tables import (
     Kind,
     check_sites,
     find_table,
+    find_tables,
     iter_chunks,
     pack_events,
     read_table,
@@ -229,7 +230,7 @@ def _age(path: Path, values: pd.Series, summary: LoadSummary) -> np.ndarray:
 
 
 def _select_stays(path: Path, options: EicuOptions, summary: LoadSummary) -> _Stays:
-    patient = read_table(path, PATIENT_COLUMNS, options.chunk_rows)  # index = row number
+    patient = read_table(path, PATIENT_COLUMNS, options.chunk_rows, summary)  # index = row number
     duplicated = patient["patientunitstayid"].duplicated()
     if duplicated.any():
         i = int(np.flatnonzero(duplicated.to_numpy())[0])
@@ -357,7 +358,7 @@ def _read_vitals(
     kinds: dict[str, Kind] = {**_VITAL_KEYS, **dict.fromkeys(columns, "number")}
     collected: list[pd.DataFrame] = []
     measured_total = 0
-    for chunk in iter_chunks(path, kinds, options.chunk_rows):
+    for chunk in iter_chunks(path, kinds, options.chunk_rows, summary):
         chunk, index = _in_window(chunk, stays, "observationoffset", options, "vital", summary)
         events = _Events.empty()
         for column, variable in columns.items():
@@ -378,7 +379,7 @@ def _read_vitals(
 
 def _read_labs(path: Path, stays: pd.Index, options: EicuOptions, summary: LoadSummary) -> pd.DataFrame:
     events = _Events.empty()
-    for chunk in iter_chunks(path, LAB_COLUMNS, options.chunk_rows):
+    for chunk in iter_chunks(path, LAB_COLUMNS, options.chunk_rows, summary):
         chunk, index = _in_window(chunk, stays, "labresultoffset", options, "lab", summary)
         variable = chunk["labname"].str.strip().map(EICU_LAB_NAMES).map(_VOCAB)
         known = variable.notna().to_numpy()
@@ -410,9 +411,7 @@ def load_eicu(root: str | Path, summary: LoadSummary | None = None, **options: o
         raise DataError(f"{root}: eICU folder not found")
     summary = summary if summary is not None else LoadSummary(source="eicu")
     # Find every file and check every header before the long reads start.
-    patient_path = find_table(root, "patient")
-    vital_path = find_table(root, "vitalPeriodic")
-    lab_path = find_table(root, "lab")
+    patient_path, vital_path, lab_path = find_tables([(root, "patient"), (root, "vitalPeriodic"), (root, "lab")])
     try:
         aperiodic_path: Path | None = find_table(root, "vitalAperiodic")
     except DataError:

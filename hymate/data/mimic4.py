@@ -86,6 +86,7 @@ from .csv_tables import (
     Kind,
     check_sites,
     find_table,
+    find_tables,
     iter_chunks,
     pack_events,
     parse_times,
@@ -226,12 +227,11 @@ class _Paths:
     @classmethod
     def find(cls, root: Path) -> _Paths:
         """Every table's file, headers checked, before any long read starts."""
+        icu, hosp = root / "icu", root / "hosp"
         paths = cls(
-            icustays=find_table(root / "icu", "icustays"),
-            chartevents=find_table(root / "icu", "chartevents"),
-            labevents=find_table(root / "hosp", "labevents"),
-            admissions=find_table(root / "hosp", "admissions"),
-            patients=find_table(root / "hosp", "patients"),
+            *find_tables(
+                [(icu, "icustays"), (icu, "chartevents"), (hosp, "labevents"), (hosp, "admissions"), (hosp, "patients")]
+            )
         )
         for path, columns in (
             (paths.icustays, ICUSTAYS_COLUMNS),
@@ -264,8 +264,8 @@ def _seconds(times: pd.Series) -> np.ndarray:
     return times.to_numpy().astype("datetime64[s]").astype(np.int64)
 
 
-def _labels(paths: _Paths, stays: pd.DataFrame, chunk_rows: int) -> np.ndarray:
-    admissions = read_table(paths.admissions, ADMISSIONS_COLUMNS, chunk_rows)
+def _labels(paths: _Paths, stays: pd.DataFrame, chunk_rows: int, summary: LoadSummary) -> np.ndarray:
+    admissions = read_table(paths.admissions, ADMISSIONS_COLUMNS, chunk_rows, summary)
     flag = admissions["hospital_expire_flag"].str.strip()
     bad = ~flag.isin(["0", "1"])
     if bad.any():
@@ -287,7 +287,7 @@ def _labels(paths: _Paths, stays: pd.DataFrame, chunk_rows: int) -> np.ndarray:
 
 
 def _static(paths: _Paths, stays: pd.DataFrame, summary: LoadSummary, chunk_rows: int) -> np.ndarray:
-    patients = read_table(paths.patients, PATIENTS_COLUMNS, chunk_rows)
+    patients = read_table(paths.patients, PATIENTS_COLUMNS, chunk_rows, summary)
     if patients["subject_id"].duplicated().any():
         subject = patients["subject_id"][patients["subject_id"].duplicated()].iloc[0]
         raise DataError(f"{paths.patients}: subject_id {subject} listed twice")
@@ -307,7 +307,7 @@ def _static(paths: _Paths, stays: pd.DataFrame, summary: LoadSummary, chunk_rows
 
 
 def _select_stays(paths: _Paths, options: Mimic4Options, summary: LoadSummary) -> _Stays:
-    stays = read_table(paths.icustays, ICUSTAYS_COLUMNS, options.chunk_rows)  # index = row number
+    stays = read_table(paths.icustays, ICUSTAYS_COLUMNS, options.chunk_rows, summary)  # index = row number
     duplicated = stays["stay_id"].duplicated()
     if duplicated.any():
         i = int(np.flatnonzero(duplicated.to_numpy())[0])
@@ -333,7 +333,7 @@ def _select_stays(paths: _Paths, options: Mimic4Options, summary: LoadSummary) -
     stays = stays[~short].sort_values("stay_id", kind="stable").reset_index(drop=True)
 
     frame = stays[["stay_id", "subject_id", "hadm_id", "site"]].copy()
-    frame["label"] = _labels(paths, stays, options.chunk_rows)
+    frame["label"] = _labels(paths, stays, options.chunk_rows, summary)
     frame["intime_s"] = _seconds(stays["intime"])
     static = _static(paths, stays, summary, options.chunk_rows)
     for j, name in enumerate(MIMIC4_STATIC):
@@ -393,7 +393,7 @@ def _read_chartevents(
     stay_index = pd.Index(stays.frame["stay_id"].to_numpy())
     intime = stays.frame["intime_s"].to_numpy()
     window = options.observation_hours
-    for chunk in iter_chunks(paths.chartevents, CHART_COLUMNS, options.chunk_rows):
+    for chunk in iter_chunks(paths.chartevents, CHART_COLUMNS, options.chunk_rows, summary):
         index = stay_index.get_indexer(chunk["stay_id"].to_numpy())
         itemid = chunk["itemid"].to_numpy()
         known = np.isin(itemid, item_ids)
@@ -434,7 +434,7 @@ def _read_labevents(
     )
     subjects = windows["subject_id"].unique()
     window = options.observation_hours
-    for chunk in iter_chunks(paths.labevents, LAB_COLUMNS, options.chunk_rows):
+    for chunk in iter_chunks(paths.labevents, LAB_COLUMNS, options.chunk_rows, summary):
         ours = np.isin(chunk["subject_id"].to_numpy(), subjects)
         itemid = chunk["itemid"].to_numpy()
         known = np.isin(itemid, item_ids)

@@ -39,8 +39,9 @@ Odd but valid input is handled deliberately and counted in the LoadSummary:
 
 Everything else that is wrong raises :class:`DataError` naming the file, line and problem:
 a missing or wrong header, a row without three fields, a malformed time, a non-numeric or
-non-finite value, a record without a RecordID row, a record the outcomes file does not
-cover, a label that is not 0/1, a missing set folder or outcomes file.
+non-finite value (or one beyond float32, the type values are stored in), a record without a
+RecordID row, a record the outcomes file does not cover, a label that is not 0/1, a missing
+set folder (naming the sets present, to load only those) or outcomes file.
 
 Parsing is a plain line parser: about 4-5 s for all 12,000 files on one core (one
 ``pandas.read_csv`` per file: 38 s). A 2-process pool measured 3.5 s against 5.3 s, not worth
@@ -92,6 +93,7 @@ _STATIC_INDEX = {name: i for i, name in enumerate(PHYSIONET2012_STATIC)}
 _WEIGHT_STATIC = _STATIC_INDEX["Weight"]
 _WEIGHT_ID = _VOCAB["Weight"]
 _ICUTYPE_STATIC = _STATIC_INDEX["ICUType"]
+_FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max; values are stored as float32
 
 
 @dataclass
@@ -164,6 +166,11 @@ def parse_record(
             raise DataError(f"{path}:{lineno}: value {value_text!r} of {name or 'the row'} is not a number") from None
         if not isfinite(value):
             raise DataError(f"{path}:{lineno}: value {value_text!r} of {name} is not finite")
+        if abs(value) > _FLOAT32_MAX:
+            raise DataError(
+                f"{path}:{lineno}: value {value_text!r} of {name} is beyond the float32 range "
+                f"(|x| <= {_FLOAT32_MAX:.3g}) that values are stored in"
+            )
 
         var_id = vocab_get(name)
         if var_id is not None and (var_id != _WEIGHT_ID or seen_weight or hours != 0.0):
@@ -269,9 +276,12 @@ def _load_set(
 ) -> StayTable:
     folder = root / f"set-{set_name}"
     if not folder.is_dir():
+        present = [s for s in PHYSIONET2012_SETS if (root / f"set-{s}").is_dir()]
         raise DataError(
             f"{folder}: set folder not found (PhysioNet 2012 layout: set-{set_name}/*.txt "
-            f"and Outcomes-{set_name}.txt under {root})"
+            f"and Outcomes-{set_name}.txt under {root}); to load only the sets present "
+            f"({', '.join(present) or 'none'}), pass sets=({', '.join(map(repr, present))},) "
+            f"or hymate-sim --sets {','.join(present) or 'a'}"
         )
     outcomes_path = root / f"Outcomes-{set_name}.txt"
     labels = read_outcomes(outcomes_path)

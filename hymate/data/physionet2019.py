@@ -63,8 +63,9 @@ files read, and those with any ``SepsisLabel`` 1, before exclusions; ``stays_wit
 kept stays whose window rows hold no measured value (kept with zero events; predicted from
 statics alone); ``files_without_rows``: header-only files (skipped).
 Anything malformed raises :class:`DataError` naming the file and line: a wrong header, a
-row without 41 fields, a value that is not a number (or ``NaN``), an infinite value, a
-missing or non-increasing ``ICULOS``, a ``SepsisLabel`` that is not 0 or 1.
+row without 41 fields, a value that is not a number (or ``NaN``), an infinite value or one
+beyond float32, a missing or non-increasing ``ICULOS``, a ``SepsisLabel`` that is not 0 or 1;
+a missing set folder names the sets present, to load only those.
 
 Parsing: the files are read in batches of 4,096, their bodies joined and parsed by
 pyarrow's multi-threaded CSV reader, then checked and turned into events with numpy.
@@ -115,6 +116,7 @@ COLUMNS: tuple[str, ...] = PHYSIONET2019_VARIABLES + (
     "Age", "Gender", "Unit1", "Unit2", "HospAdmTime", "ICULOS", "SepsisLabel",
 )  # fmt: skip
 HEADER = "|".join(COLUMNS)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # rows are parsed as float32
 ONSET_AFTER_FIRST_LABEL_HOURS = 6  # SepsisLabel is 1 from six hours before clinical onset
 
 _N_VARS = len(PHYSIONET2019_VARIABLES)
@@ -229,6 +231,11 @@ def _locate_bad_line(paths: Sequence[Path]) -> DataError | None:
                     return DataError(f"{path}:{lineno}: {name} value {text!r} is not a number (or NaN)")
                 if math.isinf(value):
                     return DataError(f"{path}:{lineno}: {name} value {text!r} is not finite")
+                if abs(value) > _FLOAT32_MAX:
+                    return DataError(
+                        f"{path}:{lineno}: {name} value {text!r} is beyond the float32 range "
+                        f"(|x| <= {_FLOAT32_MAX:.3g}) that values are parsed into"
+                    )
     return None
 
 
@@ -458,7 +465,12 @@ def load_physionet2019(root: str | Path, summary: LoadSummary | None = None, **o
     for set_name in task.sets:
         folder = root / f"training_set{set_name}"
         if not folder.is_dir():
-            raise DataError(f"{folder}: set folder not found (PhysioNet 2019 layout: training_set{set_name}/*.psv)")
+            present = [s for s in PHYSIONET2019_SETS if (root / f"training_set{s}").is_dir()]
+            raise DataError(
+                f"{folder}: set folder not found (PhysioNet 2019 layout: training_set{set_name}/*.psv); to load "
+                f"only the sets present ({', '.join(present) or 'none'}), pass sets=({', '.join(map(repr, present))},) "
+                f"or hymate-sim --sets {','.join(present) or 'A'}"
+            )
         paths = sorted(folder.glob("*.psv"))
         if not paths:
             raise DataError(f"{folder}: no record files (*.psv)")

@@ -1,12 +1,18 @@
-"""Patient-level, per-site, label-stratified train/val/test splits (DESIGN.md section 2.1).
+"""Patient-level, label-stratified train/val/test splits of one site (DESIGN.md section 2.1).
 
-Why this shape: in a federation every site splits its own stays, so the split is made site by
-site; all stays of one patient land in the same split (no leakage through readmissions); and
-each site's splits keep its label balance, so a small site's validation AUROC is defined.
+Why this shape: in a federation every site splits its own stays, so a split is made for the
+site being split, whatever its stays' ``sites`` column says (a virtual hospital drawn from a
+multi-hospital source keeps each stay's original hospital there; stratifying by those once
+sent every original hospital with fewer than three patients of a class entirely to train, and
+an iid 2-site run on the eICU demo had 106/0/0 positives in train/val/test). All stays of one
+patient land in the same split (no leakage through readmissions), and the split keeps the
+site's label balance, so its validation and test AUROC are defined where the site has at
+least one patient of each class per split.
 
 The split depends only on the seed and on the table's content (patients are ordered by id
-before shuffling), not on row order, and each site and class draws from its own random
-stream, so adding a site leaves the other sites' splits unchanged.
+before shuffling; each class draws from a random stream named by the seed, the table's site
+names and the class), not on row order, so the simulator and each virtual site's ClientApp,
+splitting the same stays, make the same split.
 """
 
 from __future__ import annotations
@@ -26,11 +32,16 @@ SPLIT_NAMES = ("train", "val", "test")
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """Row indices (sorted, int64) into the table that was split."""
+    """Row indices (sorted, int64) into the table that was split.
+
+    ``one_class``: split name -> why that val or test split lacks a class (only when the
+    split was allowed to go ahead without both classes).
+    """
 
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+    one_class: dict[str, str] | None = None
 
     def parts(self) -> dict[str, np.ndarray]:
         return {"train": self.train, "val": self.val, "test": self.test}
@@ -41,10 +52,10 @@ class Split:
 
 
 def _allocate(n: int, fractions: tuple[float, float, float]) -> np.ndarray:
-    """Counts per split for ``n`` patients of one (site, label) stratum.
+    """Counts per split for ``n`` patients of one class.
 
     Largest-remainder rounding, then every split with a positive fraction gets at least one
-    patient when the stratum has enough of them (taken from the largest split), so a site
+    patient when the class has enough of them (taken from the largest split), so a site
     with only three deaths still has one in each of train, val and test.
     """
     exact = n * np.asarray(fractions)
@@ -60,8 +71,8 @@ def _allocate(n: int, fractions: tuple[float, float, float]) -> np.ndarray:
     return counts
 
 
-def _stream(seed: int, site: str, label: int) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(site.encode()), label])
+def _stream(seed: int, stream_name: str, label: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(stream_name.encode()), label])
 
 
 def split_stays(
@@ -69,14 +80,16 @@ def split_stays(
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
     seed: int = 0,
     require_both_classes: bool = False,
+    site: str | None = None,
 ) -> Split:
-    """Split ``table`` into train/val/test per site, by patient, stratified by label.
+    """Split one site's stays into train/val/test by patient, stratified by label.
 
-    A patient's label is the maximum over their stays (a patient who died once is a
-    positive) and their site is that of their first stay in the table; a patient with stays
-    at several sites (logged) is kept whole in one split. When a site's val or test part
-    ends up without a positive or a negative (too few patients of a class), that is logged
-    or, with ``require_both_classes``, raised as DataError naming the site.
+    ``table`` holds the stays of the site being split; ``site`` names it in messages
+    (default: the table's one site name, or its name when it holds several). A patient's
+    label is the maximum over their stays (a patient who died once is a positive). When a
+    val or test split ends up without a positive or a negative patient, that is raised as a
+    DataError naming the site and that split's counts with ``require_both_classes``, else
+    logged as a warning and recorded in ``Split.one_class``.
     """
     fractions = tuple(float(f) for f in fractions)
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
@@ -84,66 +97,55 @@ def split_stays(
     if fractions[0] <= 0:
         raise ValueError(f"the train fraction must be positive: {fractions}")
 
-    patients, first_row, patient_of_row = np.unique(
-        table.patient_ids.astype(str), return_index=True, return_inverse=True
-    )
+    patients, patient_of_row = np.unique(table.patient_ids.astype(str), return_inverse=True)
     patient_label = np.zeros(len(patients), dtype=np.int8)
     np.maximum.at(patient_label, patient_of_row, table.labels.astype(np.int8))
-    patient_site = table.sites.astype(str)[first_row]
-    row_site = table.sites.astype(str)
-    multi_site = np.flatnonzero(row_site != patient_site[patient_of_row])
-    if len(multi_site):
-        logger.warning(
-            "%s: %d stays belong to patients first seen at another site; each patient is kept in one split",
-            table.name,
-            len(multi_site),
-        )
+    site_names = sorted({str(s) for s in table.sites})
+    if site is None:
+        site = site_names[0] if len(site_names) == 1 else table.name
+    # One site name: the stream of that site (what splits made per original site used).
+    stream_name = "\0".join(site_names)
 
     part_of_patient = np.zeros(len(patients), dtype=np.int8)
-    for site in sorted({str(s) for s in patient_site}):
-        for label in (0, 1):
-            members = np.flatnonzero((patient_site == site) & (patient_label == label))
-            if not len(members):
-                continue  # members are in patient-id order, as np.unique sorts
-            members = _stream(seed, site, label).permutation(members)
-            counts = _allocate(len(members), fractions)
-            part_of_patient[members] = np.repeat(np.arange(3, dtype=np.int8), counts)
-        _check_classes(
-            table.name,
-            site,
-            patient_site,
-            patient_label,
-            part_of_patient,
-            fractions,
-            require_both_classes,
-        )
+    for label in (0, 1):
+        members = np.flatnonzero(patient_label == label)  # in patient-id order, as np.unique sorts
+        if not len(members):
+            continue
+        members = _stream(seed, stream_name, label).permutation(members)
+        counts = _allocate(len(members), fractions)
+        part_of_patient[members] = np.repeat(np.arange(3, dtype=np.int8), counts)
+
+    one_class = _one_class_splits(table.name, site, patient_label, part_of_patient, fractions)
+    if one_class and require_both_classes:
+        raise DataError("; ".join(one_class.values()))
+    for message in one_class.values():
+        logger.warning("%s", message)
 
     part_of_row = part_of_patient[patient_of_row]
     train, val, test = (np.flatnonzero(part_of_row == i).astype(np.int64) for i in range(3))
-    return Split(train=train, val=val, test=test)
+    return Split(train=train, val=val, test=test, one_class=one_class or None)
 
 
-def _check_classes(
+def _one_class_splits(
     name: str,
     site: str,
-    patient_site: np.ndarray,
     patient_label: np.ndarray,
     part_of_patient: np.ndarray,
     fractions: tuple[float, float, float],
-    strict: bool,
-) -> None:
-    in_site = patient_site == site
+) -> dict[str, str]:
+    """Split name -> message, for each val or test split without both classes."""
+    problems = {}
     for i in (1, 2):
         if fractions[i] == 0:
             continue
-        labels = set(patient_label[in_site & (part_of_patient == i)].tolist())
-        if labels != {0, 1}:
-            message = (
-                f"{name}: site {site!r} has no "
-                f"{'positive' if 1 not in labels else 'negative'} patient in its "
-                f"{SPLIT_NAMES[i]} split ({int(patient_label[in_site].sum())} positives of "
-                f"{int(in_site.sum())} patients); AUROC there is undefined"
-            )
-            if strict:
-                raise DataError(message)
-            logger.warning("%s", message)
+        in_split = part_of_patient == i
+        positives = int(patient_label[in_split].sum())
+        negatives = int(in_split.sum()) - positives
+        if positives and negatives:
+            continue
+        problems[SPLIT_NAMES[i]] = (
+            f"{name}: site {site!r} has no {'positive' if not positives else 'negative'} patient in its "
+            f"{SPLIT_NAMES[i]} split ({positives} positive and {negatives} negative patients there; the site has "
+            f"{int(patient_label.sum())} positives of {len(patient_label)} patients); AUROC there is undefined"
+        )
+    return problems

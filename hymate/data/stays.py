@@ -147,6 +147,8 @@ class StayTable:
 
 def concat_tables(tables: Sequence[StayTable], name: str | None = None) -> StayTable:
     """Stack tables that share one variable vocabulary and static schema."""
+    if not tables:
+        raise DataError(f"no tables to concatenate{f' into {name}' if name else ''}")
     first = tables[0]
     for t in tables[1:]:
         if t.variables != first.variables or t.static_names != first.static_names:
