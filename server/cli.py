@@ -23,7 +23,7 @@ import tomli_w
 
 from hymate.processes import free_port
 from server.certs import create_federation_keys
-from server.events import EVENTS_FILE, EventTail, describe
+from server.events import EVENTS_FILE, ConsoleProgress
 from server.run_dir import RunDirectory, RunDirError
 from server.settings import ServerSettings, SettingsError
 from server.superlink import SuperLink, SuperLinkError, TLSFiles
@@ -199,17 +199,6 @@ def run(args: argparse.Namespace) -> int:
         superlink.stop()
     print(f"federation finished: {args.rounds} rounds; model and model card in {args.run_dir}")
     return 0
-
-
-class ConsoleProgress:
-    """Prints the run's events (rounds, replies, rejections, refusals) to stderr as they happen."""
-
-    def __init__(self, events_file: Path) -> None:
-        self.tail = EventTail(events_file)
-
-    def show_new(self) -> None:
-        for event in self.tail.new_events():
-            print(f"hymate-server: {describe(event)}", file=sys.stderr, flush=True)
 
 
 def init_certs(argv: list[str]) -> int:

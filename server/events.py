@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from hymate.files import to_jsonable
 
@@ -49,6 +50,18 @@ class EventTail:
         complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next look
         self.offset += len(complete)
         return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
+
+
+class ConsoleProgress:
+    """Prints a run's new events to the coordinator's console (stderr) as they happen."""
+
+    def __init__(self, events_file: Path, stream: TextIO | None = None) -> None:
+        self.tail = EventTail(events_file)
+        self.stream = stream
+
+    def show_new(self) -> None:
+        for event in self.tail.new_events():
+            print(f"hymate-server: {describe(event)}", file=self.stream or sys.stderr, flush=True)
 
 
 def describe(event: dict[str, Any]) -> str:

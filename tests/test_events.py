@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from server.cli import ConsoleProgress
-from server.events import EventLog, EventTail, describe
+from server.events import ConsoleProgress, EventLog, EventTail, describe
 from server.site_identity import NOT_IN_NORMALISER
 from tests.fake_grid import FakeGrid, FakeSite
 from tests.test_site_identity import run, settings
