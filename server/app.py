@@ -17,4 +17,4 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = ServerSettings.from_run_config(context.run_config)
-    Federation(grid, settings).run()
+    Federation(grid, settings, run_id=context.run_id).run()

@@ -23,6 +23,7 @@ import tomli_w
 
 from hymate.processes import free_port
 from server.certs import create_federation_keys
+from server.events import EVENTS_FILE, ConsoleProgress
 from server.run_dir import RunDirectory, RunDirError
 from server.settings import ServerSettings, SettingsError
 from server.superlink import SuperLink, SuperLinkError, TLSFiles
@@ -51,7 +52,8 @@ def build_run_parser() -> argparse.ArgumentParser:
         "--min-connected",
         type=int,
         default=d.min_connected,
-        help="sites to wait for before each round (default: --min-clients)",
+        help="sites to wait for before the normalisation query and each round (default: every site in "
+        "--site-keys before the query, --min-clients before a round)",
     )
     p.add_argument("--round-timeout", type=float, default=d.round_timeout, help="seconds to wait for replies per round")
     p.add_argument(
@@ -117,12 +119,27 @@ def run_config(args: argparse.Namespace) -> dict:
 
 
 def site_public_keys(paths: list[Path]) -> dict[str, Path]:
+    """Site name (the file's stem) -> its .pub file. A site's name is its identity for the whole
+    run, so two files with one name, or one key under two names, are start-up errors."""
     keys: dict[str, Path] = {}
+    names_of_key: dict[str, str] = {}
     for path in paths:
         found = sorted(path.glob("*.pub")) if path.is_dir() else [path]
         if not found or not all(f.is_file() for f in found):
             raise SettingsError(f"--site-keys {path}: no .pub key file there")
-        keys |= {f.stem: f for f in found}
+        for f in found:
+            name = f.stem
+            if not name or any(c.isspace() for c in name):
+                raise SettingsError(f"--site-keys {f}: a site name (the file name before .pub) must be one word")
+            if name in keys:
+                raise SettingsError(f"--site-keys: two keys for site {name}: {keys[name]} and {f}")
+            key = " ".join(f.read_text(errors="replace").split()[:2])  # type and key, without the comment
+            if key in names_of_key:
+                raise SettingsError(
+                    f"--site-keys {f}: the same public key is already registered as {names_of_key[key]} ({keys[names_of_key[key]]})"
+                )
+            keys[name] = f
+            names_of_key[key] = name
     return keys
 
 
@@ -145,19 +162,20 @@ def tls_files(args: argparse.Namespace) -> TLSFiles | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = run_config(args)
-    settings = ServerSettings.from_run_config(config)  # validates every value before anything starts
-    build_strategy(StrategySpec.parse(args.strategy, args.strategy_option), settings.min_clients)
-    RunDirectory(args.run_dir).prepare(resume=args.resume)
     tls = tls_files(args)
     keys = site_public_keys(args.site_keys) if tls else {}
     if tls and not keys:
         raise SettingsError("site authentication is on: pass --site-keys with the sites' public keys")
+    config = run_config(args) | {"registered-sites": " ".join(sorted(keys))}
+    settings = ServerSettings.from_run_config(config)  # validates every value before anything starts
+    build_strategy(StrategySpec.parse(args.strategy, args.strategy_option), settings.min_clients)
+    RunDirectory(args.run_dir).prepare(resume=args.resume)
     host, _, port = args.address.rpartition(":")
     superlink = SuperLink(args.run_dir / "superlink", host or "127.0.0.1", int(port or free_port()), tls)
     config_file = args.run_dir / "superlink" / "run_config.toml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(tomli_w.dumps(config))
+    progress = ConsoleProgress(args.run_dir / EVENTS_FILE)
     try:
         superlink.start()
         for name, key in keys.items():
@@ -167,8 +185,12 @@ def run(args: argparse.Namespace) -> int:
         card = args.run_dir / "model_card.json"
         card_before = card.stat().st_mtime if card.exists() else 0.0
         status = superlink.wait_for_run(
-            run_id, args.timeout, finished_hint=lambda: card.exists() and card.stat().st_mtime > card_before
+            run_id,
+            args.timeout,
+            on_poll=progress.show_new,
+            finished_hint=lambda: card.exists() and card.stat().st_mtime > card_before,
         )
+        progress.show_new()
         if status != "finished:completed":
             print(superlink.run_log(run_id)[-4000:], file=sys.stderr)
             print(f"hymate-server: run {run_id} ended as {status}", file=sys.stderr)

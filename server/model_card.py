@@ -1,20 +1,31 @@
 """Final outputs of a federated run: the model, its card, and every metric as a tidy table.
 
-The card says what a reader of the model needs to trust it: how it was trained (strategy,
-rounds, settings), on what (per-site provenance as counts, never patient data), how well it
-did at each site, which replies were rejected, and how much privacy each site spent.
+The card says what a reader of the model needs to trust it: which run and software made it
+(run id, date, versions, the SHA-256 of model.pt), how it was trained (strategy, rounds,
+settings), for what label, on what (per-site provenance as counts, never patient data; exactly
+the sites whose moments shaped the normaliser, which of them trained in which round, and how
+their identities were established), how well it did at each site (with 95 % intervals), which
+replies were rejected, which nodes were refused, and how much privacy each site spent.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from hymate.files import atomic_write_text, to_jsonable, write_csv, write_json
 from hymate.model_bundle import ModelBundle
+from server.label_definitions import label_definition
+from server.metric_intervals import site_intervals
 from server.run_dir import RunDirectory
 from server.settings import ServerSettings
+
+SOFTWARE = ("hymate-fl", "flwr", "torch", "opacus")
 
 if TYPE_CHECKING:
     from server.federation import FederationFacts
@@ -46,29 +57,105 @@ def privacy_spent(history: list[dict[str, Any]]) -> dict[str, float]:
     return spent
 
 
+def software_versions() -> dict[str, str]:
+    versions = {}
+    for package in SOFTWARE:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def rounds_by_site(history: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """The rounds each site's update went into the model."""
+    rounds: dict[str, list[int]] = {}
+    for entry in history:
+        for site in entry["sites"]["train"]:
+            rounds.setdefault(site, []).append(entry["round"])
+    return dict(sorted(rounds.items()))
+
+
+def refused_nodes(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every node refused for the run (each round records those refused so far), once each."""
+    seen: dict[tuple, dict[str, Any]] = {}
+    for entry in history:
+        for r in entry.get("refused", []):
+            seen.setdefault((r["node_id"], r["site"], r["reason"]), r)
+    return list(seen.values())
+
+
+def identity_summary(facts: FederationFacts) -> dict[str, Any]:
+    authenticated = bool(facts.identities) and all(k == "registered key" for k in facts.identities.values())
+    return {
+        "authenticated": authenticated,
+        "sites": facts.identities,
+        "note": (
+            "each site is named by the name its SuperNode key is registered under"
+            if authenticated
+            else "site names are self-reported (simulation or --insecure): not authenticated"
+        ),
+    }
+
+
 def write_final_outputs(
-    run_dir: RunDirectory, settings: ServerSettings, facts: FederationFacts, bundle: ModelBundle
+    run_dir: RunDirectory, settings: ServerSettings, facts: FederationFacts, bundle: ModelBundle, run_id: int = 0
 ) -> dict[str, Any]:
     history = run_dir.history()
     last = history[-1] if history else {"sites": {"evaluate": {}}, "evaluate": {}}
+    model_path = run_dir.path / "model.pt"
+    bundle.save(model_path)
     card = {
         "model": "HyMaTE (hybrid Mamba + Transformer) for binary outcomes from ICU stays",
-        "task": {"dataset": facts.dataset, "variables": facts.variables, "static_features": facts.static_names},
+        "run": {
+            "id": run_id,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "software": software_versions(),
+            "model_sha256": sha256_of(model_path),
+        },
+        "task": {
+            "dataset": facts.dataset,
+            "label": label_definition(facts.dataset),
+            "variables": facts.variables,
+            "static_features": facts.static_names,
+        },
         "training": {
             "strategy": settings.strategy.name,
             "strategy_options": dict(settings.strategy.options),
             "rounds_completed": len(history),
             "rounds_planned": settings.rounds,
             "local_epochs": settings.local_epochs,
+            "batch_size": settings.batch_size,
+            "learning_rate": settings.learning_rate,
+            "weight_decay": settings.weight_decay,
+            "max_grad_norm": settings.max_grad_norm,
+            "max_events": settings.max_events,
+            "seed": settings.seed,
+            "local_norms": settings.local_norms,
             "min_clients": settings.min_clients,
             "model": settings.model,
         },
+        "identity": identity_summary(facts),
+        "normaliser_sites": sorted(facts.sites),
+        "rounds_by_site": rounds_by_site(history),
         "data_provenance": facts.sites,
-        "final_evaluation": {"weighted_mean": last["evaluate"], "per_site": last["sites"]["evaluate"]},
+        "final_evaluation": {
+            "weighted_mean": last["evaluate"],
+            "per_site": last["sites"]["evaluate"],
+            "per_site_95ci": {site: site_intervals(m) for site, m in sorted(last["sites"]["evaluate"].items())},
+        },
         "privacy_spent_epsilon": privacy_spent(history),
-        "rejected_replies": [r for entry in history for r in entry["rejected"]],
+        "rejected_replies": facts.query_rejections + [r for entry in history for r in entry["rejected"]],
+        "refused_nodes": refused_nodes(history),
     }
-    bundle.save(run_dir.path / "model.pt")
     write_json(run_dir.path / "model_card.json", card)
     atomic_write_text(run_dir.path / "model_card.md", render_markdown(card))
     write_csv(run_dir.path / "metrics.csv", metrics_table(history))
@@ -78,35 +165,50 @@ def write_final_outputs(
 def render_markdown(card: dict[str, Any]) -> str:
     card = to_jsonable(card)
     t = card["training"]
+    run, identity = card["run"], card["identity"]
+    software = ", ".join(f"{k} {v}" for k, v in run["software"].items())
     lines = [
         "# Model card: HyMaTE, federated",
         "",
+        f"Run {run['id']}, {run['date']}; {software}.",
+        f"`model.pt` SHA-256: `{run['model_sha256']}`",
+        "",
         f"Task: binary outcome on **{card['task']['dataset']}** stays, "
         f"{len(card['task']['variables'])} time-series variables, {len(card['task']['static_features'])} static features.",
+        f"Label: {card['task']['label']}.",
         "",
         f"Training: strategy `{t['strategy']}` {t['strategy_options'] or ''}, {t['rounds_completed']} of {t['rounds_planned']} rounds, "
-        f"{t['local_epochs']} local epoch(s) per round, at least {t['min_clients']} sites per round.",
+        f"{t['local_epochs']} local epoch(s) per round, batch size {t['batch_size']}, learning rate {t['learning_rate']}, "
+        f"seed {t['seed']}, at least {t['min_clients']} sites per round.",
+        f"Model: {', '.join(f'{k} {v}' for k, v in t['model'].items())}.",
         "",
         "## Sites (aggregate provenance, no patient data)",
         "",
-        "| site | dataset | train stays | test stays | prevalence | epsilon spent |",
-        "|---|---|---|---|---|---|",
+        f"Identities: {identity['note']}. The normaliser was built from exactly these sites' moments.",
+        "",
+        "| site | identity | dataset | train stays | test stays | prevalence | trained in rounds | epsilon spent |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for site, p in sorted(card["data_provenance"].items()):
         eps = card["privacy_spent_epsilon"].get(site, "no DP")
+        rounds = ", ".join(map(str, card["rounds_by_site"].get(site, []))) or "none"
         lines.append(
-            f"| {site} | {p.get('dataset')} | {p.get('stays_train')} | {p.get('stays_test')} | {p.get('prevalence')} | {eps} |"
+            f"| {site} | {identity['sites'].get(site, 'unknown')} | {p.get('dataset')} | {p.get('stays_train')} | "
+            f"{p.get('stays_test')} | {p.get('prevalence')} | {rounds} | {eps} |"
         )
     lines += [
         "",
-        "## Final evaluation (each site's own test stays)",
+        "## Final evaluation (each site's own test stays, 95 % intervals)",
         "",
         "| site | n | AUROC | AUPRC | loss |",
         "|---|---|---|---|---|",
     ]
+    intervals = card["final_evaluation"]["per_site_95ci"]
     for site, m in sorted(card["final_evaluation"]["per_site"].items()):
+        ci = intervals.get(site, {})
         lines.append(
-            f"| {site} | {m.get('num-examples')} | {_fmt(m.get('auroc'))} | {_fmt(m.get('auprc'))} | {_fmt(m.get('loss'))} |"
+            f"| {site} | {m.get('num-examples')} | {_fmt(m.get('auroc'))} {_ci(ci.get('auroc'))} | "
+            f"{_fmt(m.get('auprc'))} {_ci(ci.get('auprc'))} | {_fmt(m.get('loss'))} |"
         )
     mean = card["final_evaluation"]["weighted_mean"]
     lines.append(
@@ -115,7 +217,16 @@ def render_markdown(card: dict[str, Any]) -> str:
     if card["rejected_replies"]:
         lines += ["", "## Rejected replies", ""]
         lines += [f"- {r['site']} ({r['phase']}): {r['reason']}" for r in card["rejected_replies"]]
+    if card["refused_nodes"]:
+        lines += ["", "## Nodes refused for this run", ""]
+        lines += [f"- {r['site']} (node {r['node_id']}): {r['reason']}" for r in card["refused_nodes"]]
     return "\n".join(lines) + "\n"
+
+
+def _ci(interval: Any) -> str:
+    if isinstance(interval, list):
+        return f"({interval[0]:.3f}-{interval[1]:.3f})"
+    return f"({interval})" if interval else ""
 
 
 def _fmt(value: Any) -> str:

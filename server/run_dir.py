@@ -2,8 +2,10 @@
 
 ```
 run-dir/
-  federation.json       schema, global normaliser, settings, site provenance (before round 1)
-  round-001/            weights.npz, strategy.pkl, metrics.json
+  federation.json       schema, global normaliser, settings, the normaliser's sites: their
+                        provenance and how their identities were established (before round 1)
+  events.jsonl          every round, reply, rejection and refusal as it happened (server.events)
+  round-001/            weights.npz, strategy.pkl, metrics.json (with the round's rejections and refusals)
   round-002/ ...
   model.pt              final model bundle (hymate.model_bundle)
   model_card.json/.md   config, provenance, rounds, per-site metrics, privacy spent

@@ -1,26 +1,34 @@
 """Screening site replies before anything is aggregated.
 
-A reply is accepted only if it is exactly what the protocol expects: one ``arrays`` record
-with the global model's names, shapes and dtypes and only finite values (training), one
-``metrics`` record of finite numbers with a positive integer ``num-examples``. Anything else
-(an error reply, a refused round, a malformed or poisoned update) is turned into a
-``Rejection`` that names the site and the reason, is logged, and stays out of the average.
+A reply is used only if it comes from the site it claims to be (``server.site_identity``) and
+is exactly what the protocol expects: one ``arrays`` record with the global model's names,
+shapes and dtypes and only finite values (training), one ``metrics`` record of finite numbers
+with a positive integer ``num-examples``, finite moment sums and a schema (normalisation).
+Anything else (a site gone offline or silent, an error reply, a refused round, an impostor, a
+malformed or poisoned update) becomes one ``Rejection`` that names the site, the true cause and
+the reason, is logged, and stays out of the average.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
-log = logging.getLogger(__name__)
+from server.site_identity import SiteIdentities, SiteReply
 
 # Metrics that are legitimately undefined at a site whose test stays hold one class only.
 MAY_BE_UNDEFINED = frozenset({"auroc", "auprc"})
+
+#: Why a reply was not used: the site went away, stayed silent, failed, declined the round,
+#: is not who it says it is, or sent something malformed.
+CAUSES = ("offline", "silent", "error", "refused", "identity", "invalid")
+#: Causes that mean "the site is not there": reported once, not again while it stays away.
+DROPOUTS = frozenset({"offline", "silent"})
 
 
 @dataclass(frozen=True)
@@ -29,24 +37,39 @@ class Rejection:
     site: str
     phase: str
     reason: str
+    cause: str = "invalid"
 
 
-def site_of(message: Message, fallback: str) -> str:
+@dataclass
+class Screened:
+    """One phase's replies after screening."""
+
+    accepted: list[SiteReply]  # what the strategy may aggregate
+    verified: list[SiteReply]  # every reply from the site it claims to be (accepted or not)
+    rejected: list[Rejection]
+
+
+def error_reason(error: Error) -> tuple[str, str]:
+    """(cause, reason) of an error reply: a site that went away is not a site that failed."""
+    if error.code == ErrorCode.NODE_UNAVAILABLE:
+        return "offline", "site went offline before replying (its heartbeats stopped)"
+    if error.code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE:
+        return "offline", "the site's reply expired before it was collected"
+    return "error", f"site reported an error: {error.reason}"
+
+
+def _problem(message: Message, phase: str, reference: ArrayRecord | None) -> tuple[str, str] | None:
+    """(cause, what is wrong) with a reply, or None if it may be used."""
     if message.has_error():
-        return fallback
-    try:
-        return str(message.content["site"]["name"])
-    except (KeyError, TypeError):
-        return fallback
-
-
-def _problem(message: Message, reference: ArrayRecord | None) -> str | None:
-    """What is wrong with a reply, or None if it may be aggregated."""
-    if message.has_error():
-        return f"site reported an error: {message.error.reason}"
+        return error_reason(message.error)
     content = message.content
     if "refused" in content.config_records:
-        return f"site refused the round: {content['refused'].get('reason', 'no reason given')}"
+        return "refused", f"site refused the round: {content['refused'].get('reason', 'no reason given')}"
+    problem = _content_problem(content, phase, reference)
+    return None if problem is None else ("invalid", problem)
+
+
+def _content_problem(content: RecordDict, phase: str, reference: ArrayRecord | None) -> str | None:
     if len(content.metric_records) != 1 or "metrics" not in content.metric_records:
         return "reply must carry exactly one MetricRecord named 'metrics'"
     metrics = content["metrics"]
@@ -57,6 +80,12 @@ def _problem(message: Message, reference: ArrayRecord | None) -> str | None:
         values = value if isinstance(value, list) else [value]
         if not all(math.isfinite(v) or (key in MAY_BE_UNDEFINED and math.isnan(v)) for v in values):
             return f"metric {key!r} is not finite ({value!r})"
+    if phase == "query":
+        if set(content.array_records) != {"moments"} or "schema" not in content.config_records:
+            return "a normalisation reply must carry exactly the 'moments' arrays and a 'schema'"
+        if not all(np.isfinite(a.numpy()).all() for a in content["moments"].values()):
+            return "normalisation moments hold non-finite values"
+        return None
     if reference is None:
         if content.array_records:
             return "an evaluation reply must not carry arrays"
@@ -78,30 +107,63 @@ def _problem(message: Message, reference: ArrayRecord | None) -> str | None:
     return None
 
 
-def silent_sites(
-    sent: Iterable[Message], replies: Iterable[Message], phase: str, sites: dict[int, str], timeout: float
-) -> list[Rejection]:
-    """Sites that were asked but did not answer in time (gone, restarting, or too slow), so a
-    round's record names every site that was asked and not only the ones that answered."""
-    answered = {reply.metadata.src_node_id for reply in replies}
-    return [
-        Rejection(node, sites.get(node, f"node-{node}"), phase, f"no reply within {timeout:.0f} s")
-        for node in sorted({message.metadata.dst_node_id for message in sent} - answered)
-    ]
-
-
 def screen_replies(
-    replies: Iterable[Message], phase: str, reference: ArrayRecord | None, sites: dict[int, str]
-) -> tuple[list[Message], list[Rejection]]:
-    """Split replies into the acceptable ones and rejections (``reference``: the model sent, None for evaluation)."""
-    accepted, rejected = [], []
+    sent: Iterable[Message],
+    replies: Iterable[Message],
+    phase: str,
+    reference: ArrayRecord | None,
+    identities: SiteIdentities,
+    timeout: float,
+) -> Screened:
+    """Every node that was sent a message gets exactly one outcome: a usable reply or one
+    rejection with its true cause (``reference``: the model sent for training, else None).
+
+    A reply is matched to its node through the message it answers: Flower's own error reply for
+    a node that went offline comes from the SuperLink (``src_node_id`` 1), not from the node,
+    so matching by sender named the wrong site and reported the node a second time as silent.
+    """
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    accepted: list[SiteReply] = []
+    verified: list[SiteReply] = []
+    rejected: list[Rejection] = []
+    answered = set()
     for message in replies:
-        node = message.metadata.src_node_id
-        site = site_of(message, sites.get(node, f"node-{node}"))
-        problem = _problem(message, reference)
+        node = destination.get(message.metadata.reply_to_message_id, message.metadata.src_node_id)
+        answered.add(node)
+        impostor = identities.check(node, message)
+        site = identities.name_of(node)
+        if impostor is not None:
+            rejected.append(Rejection(node, site, phase, impostor, "identity"))
+            continue
+        reply = SiteReply(node, site, message)
+        verified.append(reply)
+        problem = _problem(message, phase, reference)
         if problem is None:
-            accepted.append(message)
+            accepted.append(reply)
         else:
-            log.warning("round %s: rejected %s reply of %s: %s", phase, phase, site, problem)
-            rejected.append(Rejection(node, site, phase, problem))
-    return accepted, rejected
+            rejected.append(Rejection(node, site, phase, problem[1], problem[0]))
+    rejected += [
+        Rejection(node, identities.name_of(node), phase, f"no reply within {timeout:.0f} s", "silent")
+        for node in sorted(set(destination.values()) - answered)
+    ]
+    return Screened(accepted, verified, rejected)
+
+
+class DropoutReports:
+    """Report a site that went away once, not in every phase and round until it is back."""
+
+    def __init__(self) -> None:
+        self.away: set[int] = set()
+
+    def first_reports(self, screened: Screened) -> list[Rejection]:
+        """``screened.rejected`` without repeated dropouts; a site that replied is back."""
+        gone = {r.node_id for r in screened.rejected if r.cause in DROPOUTS}
+        self.away -= {r.node_id for r in screened.verified} - gone
+        kept = []
+        for r in screened.rejected:
+            if r.cause in DROPOUTS:
+                if r.node_id in self.away:
+                    continue
+                self.away.add(r.node_id)
+            kept.append(r)
+        return kept

@@ -26,10 +26,15 @@ class ServerSettings:
     strategy: StrategySpec = field(default_factory=StrategySpec)
     rounds: int = 3
     min_clients: int = 2
-    #: Sites that must be connected before the query and each round start (0: min_clients).
-    #: Above min_clients, a round waits for sites that are expected back (after a coordinator
-    #: restart, say) while still closing with min_clients replies.
+    #: Sites that must be connected before the normalisation query and each round start.
+    #: 0 (the default): the query waits for every registered site when the coordinator
+    #: registered site keys (``registered_sites``), else for min_clients; rounds wait for
+    #: min_clients. Above min_clients, a round waits for sites that are expected back (after
+    #: a coordinator restart, say) while still closing with min_clients replies.
     min_connected: int = 0
+    #: The names the coordinator registered site keys under (hymate-server fills it in from
+    #: ``--site-keys``); empty in simulation and --insecure runs.
+    registered_sites: tuple[str, ...] = ()
     run_dir: Path = Path("runs/federation")
     resume: bool = False
     round_timeout: float = 600.0
@@ -57,6 +62,11 @@ class ServerSettings:
     @property
     def sites_to_wait_for(self) -> int:
         return max(self.min_clients, self.min_connected)
+
+    @property
+    def sites_for_the_query(self) -> tuple[str, ...]:
+        """Registered sites the normalisation query waits for by name (none: wait by count)."""
+        return self.registered_sites if self.min_connected == 0 else ()
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> ServerSettings:
@@ -87,6 +97,7 @@ class ServerSettings:
             rounds=get("num-server-rounds", defaults.rounds),
             min_clients=get("min-clients", defaults.min_clients),
             min_connected=get("min-connected", defaults.min_connected),
+            registered_sites=tuple(get("registered-sites", "").split()),
             run_dir=get("run-dir", defaults.run_dir),
             resume=get("resume", defaults.resume),
             round_timeout=get("round-timeout", defaults.round_timeout),
