@@ -78,7 +78,8 @@ def create_federation_keys(
 ) -> FederationKeys:
     """A CA and a server certificate valid for ``hosts``; PILOT ONLY: a key pair per ``pilot_sites`` name."""
     directory = Path(directory)
-    hosts = hosts or ["127.0.0.1", "localhost"]
+    # The coordinator's own tools talk to its SuperLink over loopback, so those names are always in.
+    hosts = list(dict.fromkeys([*(hosts or []), "127.0.0.1", "localhost"]))
     now = dt.datetime.now(dt.UTC)
     start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
 

@@ -64,7 +64,12 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--local-norms", action="store_true", help="FedBN: every site keeps its own normalisation layers")
     net = p.add_argument_group("network and security")
-    net.add_argument("--address", default="127.0.0.1:9093", help="HOST:PORT the SuperLink listens on")
+    net.add_argument(
+        "--address",
+        default="0.0.0.0:9093",
+        help="HOST:PORT the SuperLink listens on (default 0.0.0.0:9093: every interface, so sites can reach it; "
+        "TLS and site authentication are on unless --insecure)",
+    )
     net.add_argument("--ssl-ca-certfile", type=Path)
     net.add_argument("--ssl-certfile", type=Path)
     net.add_argument("--ssl-keyfile", type=Path)
