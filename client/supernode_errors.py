@@ -18,6 +18,13 @@ hymate-client exit codes (also in ``hymate-client --help`` and the README):
    restarts
 130, 143  stopped by Ctrl-C or SIGTERM
 == =========================================================================================
+
+How the supervisor uses this (``client.cli.supervise``): start the SuperNode with
+``GIVE_UP_ARGS`` (without them a SuperNode facing a TLS mismatch or a closed port retries
+forever and logs no reason); on each exit call ``explain_supernode_exit(code, log of that
+start)``; stop at once on a ``permanent`` failure, printing ``reason`` and returning
+``exit_code``; otherwise restart with backoff up to ``--max-restarts`` times, then print the
+last reason (or the log file) and return ``EXIT_UNREACHABLE``.
 """
 
 from __future__ import annotations
@@ -35,6 +42,10 @@ EXIT_UNREACHABLE = 4
 # module needs no Flower internals.
 FLWR_NODE_AUTH_KEY_INVALID = 302
 FLWR_CONNECTION_ERROR = 305
+
+# flower-supernode flags that make it give up (and exit, with the cause in its log) when it cannot
+# connect for this long, instead of retrying forever; the supervisor's restarts take over from there.
+GIVE_UP_ARGS = ("--max-wait-time", "60")
 
 EXIT_CODES_HELP = """exit codes:
   0    the federation ended normally
