@@ -48,6 +48,10 @@ from hymate.processes import free_port, start_child, stop_child
 
 log = logging.getLogger("hymate-client")
 
+# Restarts of the SuperNode after it exits (an unreachable coordinator); 0 means none. Bounded by
+# default so a site that cannot connect ends with a reason instead of retrying for ever.
+DEFAULT_MAX_RESTARTS = 5
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Every option defaults to None, so a value given as 0 (or False) is told apart from one not given."""
@@ -107,9 +111,6 @@ def init_key(argv: list[str]) -> int:
     print(f"public key:  {private}.pub")
     print(f"Give only {private}.pub to the coordinator, who registers it as site {args.name!r}.")
     return 0
-
-
-DEFAULT_MAX_RESTARTS = 5
 
 
 # Range rules of options that only the command line has (the site settings' own are in SETTING_RULES).
