@@ -5,16 +5,21 @@ sent (the model's parameters, same names and shapes) and the normalisation sums,
 are single numbers, and text that names no stay or patient of the local data; anything else
 blocks the reply. Each reply that leaves is
 appended to ``<state-dir>/outgoing.jsonl`` (names, shapes and metric values, never weights)
-so the hospital can show an auditor exactly what it sent.
+so the hospital can show an auditor exactly what it sent. Each line also carries the run id,
+the round (None for the normalisation query, which precedes round 1) and ``arrays_sha256``, a
+digest of the arrays' exact contents (``arrays_digest``), so an auditor holding the weights
+can prove which update left the site in which round.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
+import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
@@ -32,11 +37,49 @@ class OutgoingMessageBlocked(RuntimeError):
     """A reply would have carried something that must not leave the site."""
 
 
+def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over arrays in name order: for each, its name, dtype, shape and C-order bytes.
+
+    Each field is length-prefixed, so no two different sets of arrays hash alike by shifting
+    bytes between fields. Reproducible from the weights alone (numpy and hashlib suffice).
+    """
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        for field_bytes in (
+            name.encode(),
+            array.dtype.str.encode(),
+            json.dumps(list(array.shape)).encode(),
+            array.tobytes(),
+        ):
+            digest.update(len(field_bytes).to_bytes(8, "big") + field_bytes)
+    return digest.hexdigest()
+
+
+def message_round(message: Message) -> int | None:
+    """The round a coordinator's message belongs to: its config's ``server-round``, else its group id."""
+    for record in message.content.config_records.values():
+        if "server-round" in record:
+            return int(record["server-round"])
+    group = message.metadata.group_id
+    return int(group) if group.isdigit() else None
+
+
 def check_outgoing(request: Message, reply: Message, local_ids: frozenset[str]) -> dict:
     """Raise OutgoingMessageBlocked if ``reply`` carries anything but allowed content; return its audit line."""
     received = {key: tuple(a.shape) for record in request.content.array_records.values() for key, a in record.items()}
     content = reply.content
-    line: dict = {"time": time.time(), "type": reply.metadata.message_type, "arrays": {}, "metrics": {}, "text": {}}
+    line: dict = {
+        "time": time.time(),
+        "run_id": request.metadata.run_id,
+        "round": message_round(request),
+        "type": reply.metadata.message_type,
+        "arrays": {},
+        "arrays_sha256": None,
+        "metrics": {},
+        "text": {},
+    }
+    sent: dict[str, np.ndarray] = {}
     for record_name, record in content.array_records.items():
         for key, array in record.items():
             if key in MOMENT_ARRAY_NAMES and not received:
@@ -46,6 +89,8 @@ def check_outgoing(request: Message, reply: Message, local_ids: frozenset[str]) 
                     f"array {record_name}/{key} {tuple(array.shape)} is neither a received parameter nor a moment sum"
                 )
             line["arrays"][f"{record_name}/{key}"] = [array.dtype, list(array.shape)]
+            sent[f"{record_name}/{key}"] = array.numpy()
+    line["arrays_sha256"] = arrays_digest(sent) if sent else None
     for record_name, record in content.metric_records.items():
         for key, value in record.items():
             values = value if isinstance(value, list) else [value]

@@ -8,6 +8,15 @@ not in round 1), then runs a Flower SuperNode with the HyMaTE ClientApp until th
 federation ends or it is stopped. All paths, certificates and keys come from these flags or
 from ``--config FILE`` (TOML with the same names); nothing is downloaded or installed at
 run time, and only model updates and aggregate metrics leave the site.
+
+    hymate-client init-key /etc/hymate/key --name hospital-1    the site's own key pair (once)
+
+Every option is checked before anything starts: a value of 0 is a value (``--epsilon 0`` is an
+error, not "no DP"; ``--max-restarts 0`` means no restart), the key must parse, match its
+``.pub`` and be readable only by its owner (a key others can read is refused, not warned about),
+and the root certificate must parse. Exit codes (``client.supernode_errors``): 0 done, 2 bad
+configuration, 3 refused by the coordinator (key not registered, TLS mismatch; not retried),
+4 coordinator unreachable after ``--max-restarts`` restarts (default 5), 130/143 interrupted.
 """
 
 from __future__ import annotations
@@ -19,20 +28,42 @@ import signal
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from client.app import app as installed_clientapp
 from client.runner import AppPolicy, SiteRunner, new_runtime_secret
-from client.site import SiteConfigError, SiteSettings, open_site
+from client.site import SETTING_RULES, SiteConfigError, SiteSettings, open_site
+from client.site_keys import SiteKeyError, check_root_certificate, check_site_key, write_site_key_pair
+from client.supernode_errors import (
+    EXIT_BAD_CONFIGURATION,
+    EXIT_CODES_HELP,
+    EXIT_UNREACHABLE,
+    GIVE_UP_ARGS,
+    explain_supernode_exit,
+    read_log_tail,
+)
 from hymate.data import DataError
 from hymate.privacy import LedgerError, PrivacyLedger
 from hymate.processes import free_port, start_child, stop_child
 
 log = logging.getLogger("hymate-client")
 
+# Restarts of the SuperNode after it exits (an unreachable coordinator); 0 means none. Bounded by
+# default so a site that cannot connect ends with a reason instead of retrying for ever.
+DEFAULT_MAX_RESTARTS = 5
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hymate-client", description="Join a HyMaTE federation as a hospital site.")
+    """Every option defaults to None, so a value given as 0 (or False) is told apart from one not given."""
+    p = argparse.ArgumentParser(
+        prog="hymate-client",
+        description="Join a HyMaTE federation as a hospital site. "
+        "`hymate-client init-key DIR` creates the site's key pair first.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", type=Path, help="TOML file with any of these options (flags win)")
     p.add_argument("--server", help="coordinator HOST:PORT")
     p.add_argument("--dataset", help="synthetic, physionet2012, ...")
@@ -44,16 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-key", type=Path, help="this site's private key (its .pub is registered by the coordinator)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     dp = p.add_argument_group("differential privacy (the site's own budget)")
-    dp.add_argument("--epsilon", type=float, help="privacy budget over the site's whole life; enables DP-SGD")
-    dp.add_argument("--delta", type=float, help="delta of (epsilon, delta)-DP (default 1e-5)")
-    dp.add_argument("--max-grad-norm", type=float, help="per-sample gradient clipping bound (default 1.0)")
+    dp.add_argument("--epsilon", type=float, help="privacy budget over the site's whole life (> 0); enables DP-SGD")
+    dp.add_argument("--delta", type=float, help="delta of (epsilon, delta)-DP, in (0, 1) (default 1e-5)")
+    dp.add_argument("--max-grad-norm", type=float, help="per-sample gradient clipping bound, > 0 (default 1.0)")
     dp.add_argument("--dp-accountant", choices=("rdp", "prv"), help="privacy accountant (default rdp)")
     dp.add_argument(
-        "--dp-planned-rounds", type=int, help="rounds to calibrate noise for (default: the coordinator's plan)"
+        "--dp-planned-rounds", type=int, help="rounds to calibrate noise for, >= 1 (default: the coordinator's plan)"
     )
-    p.add_argument("--insecure", action="store_true", help="no TLS (never with patient data)")
+    p.add_argument("--insecure", action="store_true", default=None, help="no TLS (never with patient data)")
     p.add_argument(
-        "--max-restarts", type=int, help="stop after restarting the SuperNode this often (default: never stop)"
+        "--max-restarts",
+        type=int,
+        help=f"restart the SuperNode at most this often when it exits (default {DEFAULT_MAX_RESTARTS}; 0: never)",
     )
     p.add_argument(
         "--accept-app-hash",
@@ -65,23 +98,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--runtime-port", type=int, help="loopback port between the SuperNode and this site's runner (default: free)"
     )
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", default=None)
     return p
 
 
-def merged_options(args: argparse.Namespace) -> dict:
-    """Flags over the config file's values."""
+def build_init_key_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hymate-client init-key",
+        description="Create this site's SuperNode key pair (ECDSA P-384, OpenSSH format) on this machine. "
+        "Give only the .pub file to the coordinator; the private key never leaves the site.",
+    )
+    p.add_argument("directory", type=Path, help="folder for the key pair (created if missing)")
+    p.add_argument("--name", default="site", help="file name of the key, and the name the coordinator registers")
+    return p
+
+
+def init_key(argv: list[str]) -> int:
+    args = build_init_key_parser().parse_args(argv)
+    private = write_site_key_pair(args.directory, args.name)
+    print(f"private key: {private} (mode 0600; stays on this machine: pass it as --auth-key)")
+    print(f"public key:  {private}.pub")
+    print(f"Give only {private}.pub to the coordinator, who registers it as site {args.name!r}.")
+    return 0
+
+
+# Range rules of options that only the command line has (the site settings' own are in SETTING_RULES).
+CLI_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_restarts": (lambda v: v >= 0, "must be 0 or more"),
+    "runtime_port": (lambda v: 1 <= v <= 65535, "must be a port number (1-65535)"),
+}
+
+
+def _config_file_options(path: Path, parser: argparse.ArgumentParser) -> dict[str, tuple[Any, str]]:
+    """The config file's options as ``dest -> (value, key as written)``, each converted like its flag."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SiteConfigError(f"--config {path}: {e}") from e
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    unknown = sorted(k for k in raw if k.replace("-", "_") not in actions)
+    if unknown:
+        raise SiteConfigError(f"--config {path}: unknown options {unknown}")
     options = {}
-    if args.config:
-        try:
-            options = tomllib.loads(args.config.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise SiteConfigError(f"--config {args.config}: {e}") from e
-        options = {k.replace("-", "_"): v for k, v in options.items()}
-        unknown = set(options) - set(vars(args)) | ({"config"} & set(options))
-        if unknown:
-            raise SiteConfigError(f"--config {args.config}: unknown options {sorted(unknown)}")
-    options.update({k: v for k, v in vars(args).items() if v not in (None, False)})
+    for key, value in raw.items():
+        action = actions[key.replace("-", "_")]
+        where = f"--config {path}: {key} = {value!r}"
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise SiteConfigError(f"{where} must be true or false ({action.option_strings[-1]})")
+        else:
+            kind = action.type or str
+            accepted = {float: (int, float), int: (int,), Path: (str,), str: (str,)}[kind]
+            if isinstance(value, bool) or not isinstance(value, accepted):
+                raise SiteConfigError(f"{where} must be a {kind.__name__} ({action.option_strings[-1]})")
+            value = kind(value)
+            if action.choices and value not in action.choices:
+                raise SiteConfigError(f"{where} must be one of {', '.join(action.choices)}")
+        options[action.dest] = (value, key)
+    return options
+
+
+def merged_options(args: argparse.Namespace) -> dict:
+    """Flags over the config file's values over the defaults; 0 and false are values like any other.
+
+    Every value is checked here, before anything starts: a bad one is an error naming the flag
+    (and the config file's key it came from), never a silently different setting.
+    """
+    from_file = _config_file_options(args.config, build_parser()) if args.config else {}
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    options = {"max_restarts": DEFAULT_MAX_RESTARTS} | {k: v for k, (v, _) in from_file.items()} | flags
+    for name, (valid, rule) in (SETTING_RULES | CLI_RULES).items():
+        value = options.get(name)
+        if value is not None and not valid(value):
+            where = f" (from --config {args.config}, key {from_file[name][1]!r})" if name not in flags else ""
+            raise SiteConfigError(f"--{name.replace('_', '-')} {value!r}: {rule}{where}")
     return options
 
 
@@ -114,15 +204,27 @@ def node_config_string(config: dict[str, str]) -> str:
     return " ".join(f"{key}={json.dumps(value)}" for key, value in config.items())
 
 
+def check_connection_files(options: dict) -> None:
+    """Fail before connecting, naming the file, if the SuperNode could not use the key or certificate."""
+    if options.get("insecure"):
+        for flag in ("root_cert", "auth_key"):
+            if options.get(flag):
+                raise SiteConfigError(f"--insecure and --{flag.replace('_', '-')} contradict each other; choose one")
+        return
+    if not (options.get("root_cert") and options.get("auth_key")):
+        raise SiteConfigError(
+            "TLS and site authentication need --root-cert and --auth-key (or pass --insecure explicitly)"
+        )
+    check_root_certificate(options["root_cert"])
+    check_site_key(options["auth_key"])
+
+
 def run(options: dict) -> int:
     for required in ("server", "dataset", "state_dir"):
         if not options.get(required):
             raise SiteConfigError(f"--{required.replace('_', '-')} is required")
     secure = not options.get("insecure")
-    if secure and not (options.get("root_cert") and options.get("auth_key")):
-        raise SiteConfigError(
-            "TLS and site authentication need --root-cert and --auth-key (or pass --insecure explicitly)"
-        )
+    check_connection_files(options)
     config = site_config(options)
     settings = SiteSettings.from_node_config(config)
     data = open_site(settings)  # fail now, with the file's name, rather than in round 1
@@ -152,6 +254,7 @@ def run(options: dict) -> int:
         "127.0.0.1",
         "--port",
         str(runtime_port),
+        *GIVE_UP_ARGS,  # a refused or dropped connection ends with its reason instead of retrying forever
     ]
     if secure:
         args += [
@@ -173,17 +276,17 @@ def run(options: dict) -> int:
     )
     runner.start()
     try:
-        return supervise(args, env, state_dir, options.get("max_restarts"))
+        return supervise(args, env, state_dir, options["max_restarts"])
     finally:
         runner.stop()
 
 
-def supervise(args: list[str], env: dict[str, str], state_dir: Path, max_restarts: int | None) -> int:
-    """Run the SuperNode until we are stopped, restarting it (with backoff) whenever it exits.
+def supervise(args: list[str], env: dict[str, str], state_dir: Path, max_restarts: int) -> int:
+    """Run the SuperNode, restarting it (with backoff) when it exits for a reason that may pass.
 
-    A SuperNode gives up when the coordinator is unreachable for a while or has not
-    registered this site's key yet; a hospital's service should wait for the coordinator,
-    not die. ``max_restarts`` bounds that (tests, cron jobs).
+    A hospital's service should wait out a coordinator that is down or restarting, not die; but
+    a refusal (key not registered, TLS mismatch) stops at once with its reason, since retrying
+    changes nothing. Returns hymate-client's exit code (``client.supernode_errors``).
     """
     pid_file, log_file = state_dir / "supernode.pid", state_dir / "supernode.log"
     restarts, backoff = 0, 2.0
@@ -195,26 +298,44 @@ def supervise(args: list[str], env: dict[str, str], state_dir: Path, max_restart
             code = supernode.wait()
         finally:
             stop_child(supernode, pid_file)
-        if max_restarts is not None and restarts >= max_restarts:
-            log.error("SuperNode exited with code %d; giving up after %d restarts (see %s)", code, restarts, log_file)
-            return code or 1
+        failure = explain_supernode_exit(code, read_log_tail(log_file))
+        if failure is not None and failure.permanent:
+            return _stop_with(failure.reason, failure.exit_code, log_file)
+        reason = failure.reason if failure is not None else f"the SuperNode exited with code {code}"
+        if restarts >= max_restarts:
+            exit_code = failure.exit_code if failure is not None else EXIT_UNREACHABLE
+            return _stop_with(f"{reason}; gave up after {restarts} restart(s)", exit_code, log_file)
         backoff = 2.0 if time.monotonic() - started > 300 else min(backoff * 2, 60.0)
-        log.warning("SuperNode exited with code %d (see %s); restarting in %.0f s", code, log_file, backoff)
+        log.warning("%s; restarting it in %.0f s (log: %s)", reason, backoff, log_file)
         time.sleep(backoff)
         restarts += 1
 
 
+def _stop_with(reason: str, exit_code: int, log_file: Path) -> int:
+    print(f"hymate-client: error: {reason} (SuperNode log: {log_file})", file=sys.stderr)
+    return exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["init-key"]:
+        try:
+            return init_key(argv[1:])
+        except (SiteKeyError, OSError) as e:
+            print(f"hymate-client init-key: error: {e}", file=sys.stderr)
+            return EXIT_BAD_CONFIGURATION
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
-    )
-    logging.getLogger("hymate-client").setLevel(logging.INFO)
     try:
-        return run(merged_options(args))
-    except (SiteConfigError, DataError, LedgerError, ValueError, OSError) as e:
+        options = merged_options(args)
+        logging.basicConfig(
+            level=logging.INFO if options.get("verbose") else logging.WARNING,
+            format="%(asctime)s %(name)s: %(message)s",
+        )
+        logging.getLogger("hymate-client").setLevel(logging.INFO)
+        return run(options)
+    except (SiteConfigError, SiteKeyError, DataError, LedgerError, ValueError, OSError) as e:
         print(f"hymate-client: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_CONFIGURATION
     except KeyboardInterrupt:
         return 130
 

@@ -8,7 +8,8 @@ device, and (for privacy) its budget.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -18,13 +19,32 @@ import numpy as np
 
 from hymate.data import DataError, LoadSummary, load_dataset, split_stays
 from hymate.data.stays import StayTable
-from hymate.privacy.calibration import DPConfig
+from hymate.privacy.calibration import ACCOUNTANTS, DPConfig
 
 log = logging.getLogger(__name__)
 
 
 class SiteConfigError(ValueError):
     """A node_config key is missing or has the wrong type; names the key."""
+
+
+def _finite_positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+# What a site's privacy settings must satisfy, checked wherever they enter (flags, config file,
+# node config): a bad value is a start-up error, never a silent "train without DP".
+SETTING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epsilon": (_finite_positive, "must be a finite number > 0"),
+    "delta": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "max_grad_norm": (_finite_positive, "must be a finite number > 0"),
+    "dp_planned_rounds": (lambda v: v >= 1, "must be at least 1"),
+    "dp_accountant": (lambda v: v in ACCOUNTANTS, f"must be one of {', '.join(ACCOUNTANTS)}"),
+}
+
+# Keys Flower itself may put into a node config (simulation); every other key must be one of ours,
+# so that a misspelt key (``epsilom=8``) is an error instead of a site that trains without DP.
+FLOWER_NODE_CONFIG_KEYS = frozenset({"partition-id", "num-partitions"})
 
 
 @dataclass(frozen=True)
@@ -45,8 +65,19 @@ class SiteSettings:
     dp_accountant: str = "rdp"
     dp_planned_rounds: int | None = None  # rounds the noise is calibrated for (default: the coordinator's plan)
 
+    def __post_init__(self) -> None:
+        for name, (valid, rule) in SETTING_RULES.items():
+            value = getattr(self, name)
+            if value is not None and not valid(value):
+                key = name.replace("_", "-")
+                raise SiteConfigError(f"{key}={value!r} {rule} (hymate-client --{key}, node config {key!r})")
+
     def privacy(self, planned_rounds: int) -> DPConfig | None:
-        """The site's DP settings for a federation planned to last ``planned_rounds`` rounds."""
+        """The site's DP settings for a federation planned to last ``planned_rounds`` rounds.
+
+        None only when the site set no epsilon at all; a site with an epsilon gets a DPConfig
+        or an error, never None.
+        """
         if self.epsilon is None:
             return None
         return DPConfig(
@@ -54,21 +85,35 @@ class SiteSettings:
             delta=self.delta,
             max_grad_norm=self.max_grad_norm,
             accountant=self.dp_accountant,
-            planned_rounds=self.dp_planned_rounds or planned_rounds,
+            planned_rounds=self.dp_planned_rounds if self.dp_planned_rounds is not None else planned_rounds,
         )
 
     @classmethod
     def from_node_config(cls, config: Mapping[str, Any]) -> SiteSettings:
+        """The settings a ``--node-config`` gives; an absent key takes its default.
+
+        A key that is present must hold a valid value: ``epsilon=""`` or ``epsilon="8x"`` is an
+        error, not a site without DP, and so is a key this class does not know.
+        """
+        unknown = set(config) - NODE_CONFIG_KEYS - FLOWER_NODE_CONFIG_KEYS
+        if unknown:
+            raise SiteConfigError(f"node config has unknown keys {sorted(unknown)}; known: {sorted(NODE_CONFIG_KEYS)}")
+
         def get(key: str, kind: type, default: Any = None, required: bool = False) -> Any:
-            if key not in config or config[key] in ("", None):
+            if key not in config:
                 if required:
                     raise SiteConfigError(f"node config lacks {key!r} (hymate-client --{key})")
                 return default
             value = config[key]
+            invalid = SiteConfigError(f"node config {key!r}={value!r} is not a valid {kind.__name__}")
+            if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
+                raise invalid
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise invalid
             try:
                 return kind(value) if kind is not Path else Path(str(value)).expanduser()
             except (TypeError, ValueError):
-                raise SiteConfigError(f"node config {key!r}={value!r} is not a valid {kind.__name__}") from None
+                raise invalid from None
 
         return cls(
             dataset=get("dataset", str, required=True),
@@ -88,6 +133,24 @@ class SiteSettings:
     @property
     def display_name(self) -> str:
         return self.name or self.site or self.dataset
+
+
+NODE_CONFIG_KEYS = frozenset(
+    {
+        "dataset",
+        "state-dir",
+        "data",
+        "site",
+        "device",
+        "split-seed",
+        "name",
+        "epsilon",
+        "delta",
+        "max-grad-norm",
+        "dp-accountant",
+        "dp-planned-rounds",
+    }
+)
 
 
 @dataclass(frozen=True)

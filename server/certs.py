@@ -1,16 +1,19 @@
-"""Keys and certificates for a pilot or a test federation, without an OpenSSL manual.
+"""The coordinator's certificates, without an OpenSSL manual.
 
-``hymate-server init-certs DIR --sites 3`` writes:
+``hymate-server init-certs DIR --host coordinator.example.org`` writes:
 
 ```
 DIR/ca.crt, ca.key                  a private certificate authority (keep ca.key offline)
 DIR/server.crt, server.key          the coordinator's TLS certificate, for the given hosts
-DIR/sites/<site>, <site>.pub        each site's SuperNode key pair (ECDSA P-384, OpenSSH format)
 ```
 
-The coordinator registers the ``.pub`` files; each hospital keeps its private key and gets
-``ca.crt`` to verify the coordinator. Production deployments should use the hospital's own
-PKI; this is for pilots and tests.
+Each hospital gets ``ca.crt`` to verify the coordinator, generates its own SuperNode key pair
+(``hymate-client init-key``) and sends back only the ``.pub``, which the coordinator registers.
+The coordinator never holds a hospital's private key.
+
+PILOT ONLY: ``--pilot-site-keys N`` also writes ``DIR/sites/site-1 .. site-N`` (and ``.pub``),
+so one person can try a federation on one machine. Those private keys were made by the
+coordinator, so they must never be used with patient data.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +30,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from client.site_keys import write_site_key_pair
+
 
 @dataclass(frozen=True)
 class FederationKeys:
     ca_cert: Path
     server_cert: Path
     server_key: Path
-    site_keys: dict[str, Path]  # site name -> private key; the public key is "<path>.pub"
+    site_keys: dict[str, Path]  # PILOT ONLY: site name -> private key; the public key is "<path>.pub"
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
@@ -68,11 +74,12 @@ def _subject_alternative_names(hosts: list[str]) -> list[x509.GeneralName]:
 
 
 def create_federation_keys(
-    directory: Path, sites: list[str], hosts: list[str] | None = None, days: int = 365
+    directory: Path, pilot_sites: Sequence[str] = (), hosts: list[str] | None = None, days: int = 365
 ) -> FederationKeys:
-    """A CA, a server certificate valid for ``hosts`` and one SuperNode key pair per site."""
+    """A CA and a server certificate valid for ``hosts``; PILOT ONLY: a key pair per ``pilot_sites`` name."""
     directory = Path(directory)
-    hosts = hosts or ["127.0.0.1", "localhost"]
+    # The coordinator's own tools talk to its SuperLink over loopback, so those names are always in.
+    hosts = list(dict.fromkeys([*(hosts or []), "127.0.0.1", "localhost"]))
     now = dt.datetime.now(dt.UTC)
     start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
 
@@ -108,18 +115,5 @@ def create_federation_keys(
     _write(directory / "server.key", _key_pem(server_key), private=True)
     _write(directory / "server.crt", server_cert.public_bytes(serialization.Encoding.PEM))
 
-    site_keys = {}
-    for site in sites:
-        key = ec.generate_private_key(ec.SECP384R1())
-        path = directory / "sites" / site
-        _write(
-            path,
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-            ),
-            private=True,
-        )
-        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        _write(path.with_name(f"{site}.pub"), public + f" {site}\n".encode())
-        site_keys[site] = path
+    site_keys = {site: write_site_key_pair(directory / "sites", site) for site in pilot_sites}
     return FederationKeys(directory / "ca.crt", directory / "server.crt", directory / "server.key", site_keys)

@@ -1,6 +1,6 @@
 """``hymate-server``: the coordinator's command.
 
-    hymate-server init-certs DIR --sites 3              keys and certificates for a pilot
+    hymate-server init-certs DIR --host H               CA and server certificate (sites make their own keys)
     hymate-server --run-dir runs/fed --rounds 5 --strategy fedavg \\
         --ssl-ca-certfile ca.crt --ssl-certfile server.crt --ssl-keyfile server.key \\
         --site-keys DIR/sites                             run a federation (TLS + node auth)
@@ -38,7 +38,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     d = ServerSettings()
     p = argparse.ArgumentParser(
         prog="hymate-server",
-        description="Coordinate a HyMaTE federation (subcommand init-certs creates pilot keys).",
+        description="Coordinate a HyMaTE federation (subcommand init-certs creates the CA and server certificate).",
     )
     p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, logs, final model and model card")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir after its last complete round")
@@ -66,7 +66,12 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--local-norms", action="store_true", help="FedBN: every site keeps its own normalisation layers")
     net = p.add_argument_group("network and security")
-    net.add_argument("--address", default="127.0.0.1:9093", help="HOST:PORT the SuperLink listens on")
+    net.add_argument(
+        "--address",
+        default="0.0.0.0:9093",
+        help="HOST:PORT the SuperLink listens on (default 0.0.0.0:9093: every interface, so sites can reach it; "
+        "TLS and site authentication are on unless --insecure)",
+    )
     net.add_argument("--ssl-ca-certfile", type=Path)
     net.add_argument("--ssl-certfile", type=Path)
     net.add_argument("--ssl-keyfile", type=Path)
@@ -85,14 +90,26 @@ def build_run_parser() -> argparse.ArgumentParser:
 
 def build_certs_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="hymate-server init-certs", description="Create a CA, a server certificate and site keys."
+        prog="hymate-server init-certs",
+        description="Create a CA and the coordinator's TLS certificate. Each hospital creates its own key pair "
+        "with `hymate-client init-key` and sends only the .pub file.",
     )
     p.add_argument("directory", type=Path)
-    sites = p.add_mutually_exclusive_group()
-    sites.add_argument("--sites", type=int, default=0, help="create keys for site-1 .. site-N")
-    sites.add_argument("--site", action="append", default=[], help="create a key for this site name (repeatable)")
     p.add_argument(
-        "--host", action="append", default=[], help="host name or IP the server certificate is for (repeatable)"
+        "--host",
+        action="append",
+        default=[],
+        required=True,
+        help="host name or IP the sites connect to (repeatable; the server certificate is valid for these)",
+    )
+    pilot = p.add_argument_group("PILOT ONLY (never with patient data)")
+    pilot.add_argument(
+        "--pilot-site-keys",
+        type=int,
+        default=0,
+        metavar="N",
+        help="PILOT ONLY: also write key pairs for site-1 .. site-N into DIR/sites; the coordinator then holds "
+        "the sites' private keys, so never use them with patient data",
     )
     return p
 
@@ -203,18 +220,27 @@ def run(args: argparse.Namespace) -> int:
 
 def init_certs(argv: list[str]) -> int:
     args = build_certs_parser().parse_args(argv)
-    sites = args.site or [f"site-{i}" for i in range(1, args.sites + 1)]
-    keys = create_federation_keys(args.directory, sites, args.host or None)
-    print(f"CA: {keys.ca_cert}\nserver certificate: {keys.server_cert} (key {keys.server_key})")
+    if args.pilot_site_keys < 0:
+        raise SettingsError(f"--pilot-site-keys {args.pilot_site_keys}: must be 0 or more")
+    sites = [f"site-{i}" for i in range(1, args.pilot_site_keys + 1)]
+    keys = create_federation_keys(args.directory, sites, args.host)
+    print(f"CA: {keys.ca_cert} (give to every site; keep {keys.ca_cert.with_suffix('.key')} offline)")
+    print(f"server certificate: {keys.server_cert} (key {keys.server_key}) for {', '.join(args.host)}")
+    if keys.site_keys:
+        print("PILOT ONLY: site keys made by the coordinator; never use them with patient data")
     for site, path in keys.site_keys.items():
-        print(f"site {site}: private key {path} (give to the site), public key {path}.pub (register)")
+        print(f"PILOT ONLY: site {site}: private key {path}, public key {path}.pub (register with --site-keys)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["init-certs"]:
-        return init_certs(argv[1:])
+        try:
+            return init_certs(argv[1:])
+        except (SettingsError, ValueError, OSError) as e:
+            print(f"hymate-server init-certs: error: {e}", file=sys.stderr)
+            return 2
     args = build_run_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"

@@ -60,7 +60,9 @@ class SuperLink:
         env: dict | None = None,
     ):
         self.state_dir = Path(state_dir)
-        self.address = f"{host}:{port}"
+        # Listening on every interface (0.0.0.0, the coordinator's default), we still reach our
+        # own SuperLink over loopback, which the server certificate always covers.
+        self.address = f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
         self.host, self.port, self.tls = host, port, tls
         self.simulation = simulation  # run ServerApp and ClientApps on Flower's Simulation Engine (Ray)
         self.extra_env = env or {}

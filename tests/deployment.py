@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +43,12 @@ def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 @dataclass
 class Deployment:
-    """A coordinator and its sites under ``root``, with pilot keys made by ``hymate-server init-certs``."""
+    """A coordinator and its sites under ``root``, keyed the production way.
+
+    ``hymate-server init-certs`` writes only the CA and the server certificate; each site
+    ``hospital-i`` makes its own key pair with ``hymate-client init-key <root>/site{i}-key --name
+    hospital-i``, and only its ``.pub`` is copied into ``keys/sites/`` for the coordinator to register.
+    """
 
     root: Path
     n_sites: int = 3
@@ -52,12 +58,32 @@ class Deployment:
     def __post_init__(self) -> None:
         self.keys = self.root / "keys"
         subprocess.run(
-            [BIN / "hymate-server", "init-certs", str(self.keys), "--sites", str(self.n_sites)],
+            [BIN / "hymate-server", "init-certs", self.keys, "--host", "127.0.0.1", "--host", "localhost"],
             check=True,
             capture_output=True,
             timeout=60,
         )
+        (self.keys / "sites").mkdir()
+        for i in range(1, self.n_sites + 1):
+            subprocess.run(
+                [BIN / "hymate-client", "init-key", self.key_dir(i), "--name", self.site_name(i)],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            shutil.copy(self.site_key(i).with_name(f"{self.site_name(i)}.pub"), self.keys / "sites")
         self.run_dir = self.root / "run"
+
+    @staticmethod
+    def site_name(i: int) -> str:
+        return f"hospital-{i}"
+
+    def key_dir(self, i: int) -> Path:
+        return self.root / f"site{i}-key"
+
+    def site_key(self, i: int) -> Path:
+        """Site ``i``'s private key, made at the site; the coordinator has only its .pub."""
+        return self.key_dir(i) / self.site_name(i)
 
     def _start(self, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(self.root / log_name, "ab") as log:
@@ -112,13 +138,13 @@ class Deployment:
             "--site",
             f"site-{i - 1}",
             "--name",
-            f"hospital-{i}",
+            self.site_name(i),
             "--state-dir",
             self.state_dir(i),
             "--root-cert",
             self.keys / "ca.crt",
             "--auth-key",
-            self.keys / "sites" / f"site-{i}",
+            self.site_key(i),
             "-v",
             *extra,
         ]

@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 
 from client import cli
 from client.app import SiteFailure, reported_safely
-from client.audit import OutgoingMessageBlocked, check_outgoing
+from client.audit import OutgoingMessageBlocked, arrays_digest, check_outgoing
 from client.local_norms import FILE_NAME, load_local_norms, save_local_norms
 from client.site import SiteConfigError, SiteSettings, open_site
 from client.training import ModelMismatchError, build_model, evaluate_locally, load_checked, train_locally, weights_of
@@ -103,14 +103,14 @@ def test_local_norms_of_another_model_are_a_named_error(site, plan, tmp_path):
         load_local_norms(other, tmp_path)
 
 
-def _message(content: RecordDict, kind: str) -> Message:
+def _message(content: RecordDict, kind: str, run_id: int = 1, group_id: str = "") -> Message:
     metadata = Metadata(
-        run_id=1,
+        run_id=run_id,
         message_id="m",
         src_node_id=1,
         dst_node_id=0,
         reply_to_message_id="",
-        group_id="",
+        group_id=group_id,
         created_at=time.time(),
         ttl=60.0,
         message_type=kind,
@@ -141,6 +141,39 @@ def test_the_audit_passes_updates_and_blocks_anything_else(site):
     ]:
         with pytest.raises(OutgoingMessageBlocked, match=message):
             check_outgoing(sent, bad, ids)
+
+
+def test_each_audit_line_names_its_run_round_and_the_hash_of_what_was_sent(site):
+    w = np.arange(8, dtype=np.float32).reshape(4, 2)
+    received = {"arrays": ArrayRecord({"w": Array(np.zeros((4, 2), np.float32)), "b": Array(np.zeros(3, np.float32))})}
+    request = _message(RecordDict(received | {"config": ConfigRecord({"server-round": 7})}), "train", run_id=42)
+    sent = {"w": w, "b": np.ones(3, np.float32)}
+    content = {"arrays": ArrayRecord({k: Array(v) for k, v in sent.items()}), "metrics": MetricRecord({"n": 1})}
+    line = check_outgoing(request, _message(RecordDict(content), "train", run_id=42), site.local_ids())
+    assert line["run_id"] == 42 and line["round"] == 7
+    # The hash is reproducible from the weights alone, whatever order they were sent in ...
+    assert line["arrays_sha256"] == arrays_digest({"arrays/b": np.ones(3, np.float32), "arrays/w": w})
+    assert len(line["arrays_sha256"]) == 64
+    # ... and changes with any value, dtype or shape.
+    for other in (
+        {"arrays/w": w + 1, "arrays/b": np.ones(3, np.float32)},
+        {"arrays/w": w.reshape(2, 4), "arrays/b": np.ones(3, np.float32)},
+        {"arrays/w": w.astype(np.float64), "arrays/b": np.ones(3, np.float32)},
+        {"arrays/v": w, "arrays/b": np.ones(3, np.float32)},
+    ):
+        assert arrays_digest(other) != line["arrays_sha256"]
+    # Without a server-round the round comes from the message's group id; the query has neither.
+    evaluate = _message(RecordDict(received), "evaluate", group_id="3")
+    assert (
+        check_outgoing(evaluate, _message(RecordDict({"metrics": MetricRecord({"n": 1})}), "evaluate"), set())["round"]
+        == 3
+    )
+    query = check_outgoing(
+        _message(RecordDict({"config": ConfigRecord({})}), "query"),
+        _message(RecordDict({"metrics": MetricRecord({"n": 1})}), "query"),
+        set(),
+    )
+    assert query["round"] is None and query["arrays_sha256"] is None
 
 
 def test_local_data_errors_reach_the_coordinator_without_local_detail():

@@ -41,7 +41,7 @@ def weights(d: Deployment, r: int) -> dict[str, np.ndarray]:
 def test_three_hospitals_train_over_tls_and_nothing_but_updates_leaves_them(deployment):
     d = deployment
     server = d.start_server("--rounds", "2", "--min-clients", "3")
-    wait_until(lambda: "registered site site-3" in d.log("server.log"), 90, "the SuperLink to register the sites")
+    wait_until(lambda: "registered site hospital-3" in d.log("server.log"), 90, "the SuperLink to register the sites")
     for i in (1, 2, 3):
         d.start_client(i)
 
@@ -99,7 +99,7 @@ def test_crash_resume_lost_hospital_and_privacy_budgets(deployment):
     hospital 2 (DP, budget for one round) refuses round 2 and says why."""
     d = deployment
     server = d.start_server("--rounds", "2", "--min-clients", "1", "--min-connected", "3")
-    wait_until(lambda: "registered site site-3" in d.log("server.log"), 90, "the SuperLink to register the sites")
+    wait_until(lambda: "registered site hospital-3" in d.log("server.log"), 90, "the SuperLink to register the sites")
     clients = {
         1: d.start_client(1, "--epsilon", "50"),
         2: d.start_client(2, "--epsilon", "2", "--dp-planned-rounds", "1"),
@@ -176,7 +176,7 @@ def test_poisoned_updates_are_rejected_and_the_round_goes_on(deployment, tmp_pat
     poison_dir.mkdir()
     (poison_dir / "sitecustomize.py").write_text(POISON)
     server = d.start_server("--rounds", "1", "--min-clients", "1")
-    wait_until(lambda: "registered site site-3" in d.log("server.log"), 90, "the SuperLink to register the sites")
+    wait_until(lambda: "registered site hospital-3" in d.log("server.log"), 90, "the SuperLink to register the sites")
     d.start_client(1)
     d.start_client(2, env={"PYTHONPATH": str(poison_dir), "HYMATE_POISON": "shape"})
     d.start_client(3, env={"PYTHONPATH": str(poison_dir), "HYMATE_POISON": "nan"})

@@ -1,52 +1,82 @@
-"""hymate-server's --site-keys: a site's name is its identity, so no name or key may appear twice."""
+"""A site makes its own key pair; the coordinator makes only the CA and its own certificate."""
 
-from __future__ import annotations
+import os
+import stat
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from server.cli import main, site_public_keys
-from server.settings import SettingsError
-
-KEY_A = "ecdsa-sha2-nistp384 AAAAE2VjZHNhLXNoYTItbmlzdHAzODQAAAAIbmlzdHAzODQAAABhBAAA"
-KEY_B = "ecdsa-sha2-nistp384 AAAAE2VjZHNhLXNoYTItbmlzdHAzODQAAAAIbmlzdHAzODQAAABhBBBB"
-
-
-def pub(path, key: str, comment: str = "someone@somewhere"):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{key} {comment}\n")
-    return path
+from client import cli
+from client.site_keys import SiteKeyError, check_root_certificate, check_site_key, write_site_key_pair
+from server import cli as server_cli
 
 
-def test_keys_are_registered_under_their_file_stems(tmp_path):
-    a = pub(tmp_path / "sites" / "hospital-1.pub", KEY_A)
-    b = pub(tmp_path / "more" / "hospital-2.pub", KEY_B)
-    assert site_public_keys([tmp_path / "sites", b]) == {"hospital-1": a, "hospital-2": b}
+def test_init_key_writes_a_private_openssh_p384_key_and_its_pub(tmp_path, capsys):
+    assert cli.main(["init-key", str(tmp_path / "k"), "--name", "hospital-1"]) == 0
+    private, public = tmp_path / "k" / "hospital-1", tmp_path / "k" / "hospital-1.pub"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    key = serialization.load_ssh_private_key(private.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert public.read_text().startswith("ecdsa-sha2-nistp384 ") and public.read_text().endswith(" hospital-1\n")
+    out = capsys.readouterr().out
+    assert str(public) in out and "Give only" in out and "to the coordinator" in out
+    assert check_site_key(private).public_key().public_numbers() == key.public_key().public_numbers()
 
 
-def test_two_key_files_for_one_site_name_are_refused(tmp_path):
-    a = pub(tmp_path / "sites" / "hospital-1.pub", KEY_A)
-    b = pub(tmp_path / "late" / "hospital-1.pub", KEY_B)
-    with pytest.raises(SettingsError) as e:
-        site_public_keys([tmp_path / "sites", tmp_path / "late"])
-    assert str(e.value) == f"--site-keys: two keys for site hospital-1: {a} and {b}"
+def test_init_key_never_overwrites_a_key(tmp_path, capsys):
+    assert cli.main(["init-key", str(tmp_path)]) == 0  # default name "site"
+    before = (tmp_path / "site").read_bytes()
+    assert cli.main(["init-key", str(tmp_path)]) == 2
+    assert "already exists; refusing to overwrite" in capsys.readouterr().err
+    assert (tmp_path / "site").read_bytes() == before
 
 
-def test_one_key_under_two_names_is_refused_whatever_its_comment(tmp_path):
-    a = pub(tmp_path / "sites" / "hospital-1.pub", KEY_A, "first")
-    b = pub(tmp_path / "sites" / "hospital-9.pub", KEY_A, "second")
-    with pytest.raises(SettingsError) as e:
-        site_public_keys([tmp_path / "sites"])
-    assert str(e.value) == f"--site-keys {b}: the same public key is already registered as hospital-1 ({a})"
+def test_init_certs_writes_no_site_keys_unless_asked_for_a_pilot(tmp_path, capsys):
+    assert server_cli.main(["init-certs", str(tmp_path / "a"), "--host", "127.0.0.1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["ca.crt", "ca.key", "server.crt", "server.key"]
+    assert "PILOT" not in capsys.readouterr().out
+    assert server_cli.main(["init-certs", str(tmp_path / "b"), "--host", "127.0.0.1", "--pilot-site-keys", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "PILOT ONLY" in out and "never use them with patient data" in out
+    sites = tmp_path / "b" / "sites"
+    assert sorted(p.name for p in sites.iterdir()) == ["site-1", "site-1.pub", "site-2", "site-2.pub"]
+    check_site_key(sites / "site-1")  # the same key format as `hymate-client init-key`
+    assert "PILOT ONLY" in server_cli.build_certs_parser().format_help()
 
 
-def test_hymate_server_refuses_them_before_starting_anything(tmp_path, capsys):
-    for name in ("ca.crt", "server.crt", "server.key"):
-        (tmp_path / name).write_text("x")
-    pub(tmp_path / "a" / "hospital-1.pub", KEY_A)
-    pub(tmp_path / "b" / "hospital-1.pub", KEY_B)
-    argv = ["--run-dir", str(tmp_path / "run"), "--site-keys", str(tmp_path / "a"), "--site-keys", str(tmp_path / "b")]
-    argv += ["--ssl-ca-certfile", str(tmp_path / "ca.crt"), "--ssl-certfile", str(tmp_path / "server.crt")]
-    argv += ["--ssl-keyfile", str(tmp_path / "server.key")]
-    assert main(argv) == 2
-    assert "two keys for site hospital-1" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+def test_a_missing_unsafe_malformed_or_mismatched_key_is_refused_by_name(tmp_path):
+    with pytest.raises(SiteKeyError, match="nowhere: no such file .*hymate-client init-key"):
+        check_site_key(tmp_path / "nowhere")
+    key = write_site_key_pair(tmp_path / "a", "hospital-1")
+    os.chmod(key, 0o644)
+    with pytest.raises(SiteKeyError, match="readable by others \\(mode 0644\\); run `chmod 600"):
+        check_site_key(key)
+    os.chmod(key, 0o600)
+    bad = tmp_path / "bad"
+    bad.write_text("not a key\n")
+    os.chmod(bad, 0o600)
+    with pytest.raises(SiteKeyError, match="bad: not an unencrypted OpenSSH private key"):
+        check_site_key(bad)
+    other = write_site_key_pair(tmp_path / "b", "hospital-1")
+    (tmp_path / "a" / "hospital-1.pub").write_bytes((other.with_name("hospital-1.pub")).read_bytes())
+    with pytest.raises(SiteKeyError, match="does not match .*hospital-1.pub"):
+        check_site_key(key)
+
+
+def test_the_root_certificate_must_be_a_pem_certificate(tmp_path):
+    with pytest.raises(SiteKeyError, match="--root-cert .*ca.crt: no such file"):
+        check_root_certificate(tmp_path / "ca.crt")
+    (tmp_path / "ca.crt").write_text("-----BEGIN NOTHING-----\n")
+    with pytest.raises(SiteKeyError, match="not a PEM certificate"):
+        check_root_certificate(tmp_path / "ca.crt")
+
+
+def test_hymate_client_checks_its_key_before_it_loads_data_or_connects(tmp_path, capsys):
+    server_cli.main(["init-certs", str(tmp_path / "keys"), "--host", "127.0.0.1"])
+    args = ["--server", "127.0.0.1:1", "--dataset", "synthetic", "--state-dir", str(tmp_path / "state")]
+    tls = ["--root-cert", str(tmp_path / "keys" / "ca.crt"), "--auth-key", str(tmp_path / "missing-key")]
+    assert cli.main(args + tls) == 2
+    assert "--auth-key" in capsys.readouterr().err and not (tmp_path / "state").exists()
+    assert cli.main(args + ["--insecure", "--auth-key", str(tmp_path / "k")]) == 2
+    assert "--insecure and --auth-key contradict" in capsys.readouterr().err
