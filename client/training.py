@@ -148,4 +148,13 @@ def evaluate_locally(plan: LocalPlan, data: LocalData, arrays: Mapping[str, np.n
     device = select_device(data.settings.device)
     loader = make_loader(StayDataset(data.test, plan.normalizer, plan.max_events), 2 * plan.batch_size, False)
     result = evaluate(model.to(device), loader, device, positive_class_weight(data.train.labels))
-    return {"loss": result.loss, "auroc": result.auroc, "auprc": result.auprc, "num-examples": result.n}
+    # The positives count lets the coordinator put 95 % intervals on AUROC and AUPRC; like the
+    # prevalence in the provenance it is an aggregate of the site's test stays.
+    positives = int(data.test.labels.sum())
+    return {
+        "loss": result.loss,
+        "auroc": result.auroc,
+        "auprc": result.auprc,
+        "num-examples": result.n,
+        "num-positives": positives,
+    }

@@ -72,6 +72,7 @@ def test_local_training_moves_the_weights_and_evaluation_reports_metrics(site, p
     assert any(not np.array_equal(start[k], outcome.weights[k]) for k in start)
     metrics = evaluate_locally(plan, site, outcome.weights)
     assert metrics["num-examples"] == len(site.test)
+    assert metrics["num-positives"] == int(site.test.labels.sum()) > 0
     assert 0.0 <= metrics["auroc"] <= 1.0 and metrics["loss"] > 0
 
 
