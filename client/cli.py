@@ -15,7 +15,8 @@ Every option is checked before anything starts: a value of 0 is a value (``--eps
 error, not "no DP"; ``--max-restarts 0`` means no restart), the key must parse, match its
 ``.pub`` and be readable only by its owner (a key others can read is refused, not warned about),
 and the root certificate must parse. Exit codes (``client.supernode_errors``): 0 done, 2 bad
-configuration, 3 refused by the coordinator (key not registered, TLS mismatch; not retried),
+configuration, 3 refused by the coordinator (TLS mismatch, not retried; key still not registered
+after ``--max-restarts``),
 4 coordinator unreachable after ``--max-restarts`` restarts (default 5), 130/143 interrupted.
 """
 
@@ -289,7 +290,7 @@ def supervise(args: list[str], env: dict[str, str], state_dir: Path, max_restart
     changes nothing. Returns hymate-client's exit code (``client.supernode_errors``).
     """
     pid_file, log_file = state_dir / "supernode.pid", state_dir / "supernode.log"
-    restarts, backoff = 0, 2.0
+    restarts, backoff = 0, 1.0
     while True:
         supernode = start_child(args, log_file, pid_file, env)
         log.info("SuperNode started (pid %d); log in %s", supernode.pid, log_file)
@@ -302,10 +303,12 @@ def supervise(args: list[str], env: dict[str, str], state_dir: Path, max_restart
         if failure is not None and failure.permanent:
             return _stop_with(failure.reason, failure.exit_code, log_file)
         reason = failure.reason if failure is not None else f"the SuperNode exited with code {code}"
+        if time.monotonic() - started > 300:  # it was connected and working: count afresh
+            restarts, backoff = 0, 1.0
         if restarts >= max_restarts:
             exit_code = failure.exit_code if failure is not None else EXIT_UNREACHABLE
             return _stop_with(f"{reason}; gave up after {restarts} restart(s)", exit_code, log_file)
-        backoff = 2.0 if time.monotonic() - started > 300 else min(backoff * 2, 60.0)
+        backoff = min(backoff * 2, 60.0)
         log.warning("%s; restarting it in %.0f s (log: %s)", reason, backoff, log_file)
         time.sleep(backoff)
         restarts += 1

@@ -3,8 +3,9 @@
 Flower's SuperNode reports a refused key, a TLS mismatch and an unreachable coordinator as
 gRPC errors in its log and an exit code. ``explain_supernode_exit`` turns them into one plain
 reason, and says whether retrying could help: a key the coordinator never registered or a
-TLS mismatch is *permanent* (retrying for hours changes nothing), a coordinator that is down
-may come back.
+TLS mismatch is *permanent* (retrying for hours changes nothing); a coordinator that is down
+may come back, and one that has just restarted may not have registered the site's key yet,
+so those are retried (``--max-restarts`` times) before the site stops.
 
 hymate-client exit codes (also in ``hymate-client --help`` and the README):
 
@@ -13,7 +14,9 @@ hymate-client exit codes (also in ``hymate-client --help`` and the README):
 2  bad configuration: a flag, the config file, a key or certificate file, the local data or
    the privacy ledger (the message names which); nothing was started
 3  refused by the coordinator: this site's key is not registered there, or TLS does not
-   match (``--insecure`` against a TLS coordinator, or the wrong ``--root-cert``); not retried
+   match (``--insecure`` against a TLS coordinator, or the wrong ``--root-cert``); a TLS
+   mismatch is not retried, an unregistered key is (a coordinator that just restarted
+   registers its sites' keys a few seconds after it listens)
 4  the coordinator stayed unreachable (or the SuperNode kept failing) after ``--max-restarts``
    restarts
 130, 143  stopped by Ctrl-C or SIGTERM
@@ -50,7 +53,7 @@ GIVE_UP_ARGS = ("--max-wait-time", "60")
 EXIT_CODES_HELP = """exit codes:
   0    the federation ended normally
   2    bad configuration (flag, config file, key or certificate file, local data, privacy ledger)
-  3    refused by the coordinator: key not registered, or TLS mismatch (not retried)
+  3    refused by the coordinator: TLS mismatch (not retried), or key still not registered after --max-restarts
   4    coordinator unreachable after --max-restarts restarts
   130  Ctrl-C; 143 SIGTERM"""
 
@@ -67,7 +70,9 @@ class SuperNodeFailure:
 KEY_NOT_REGISTERED = SuperNodeFailure(
     "this site's key is not registered with the coordinator: give the coordinator this site's .pub file "
     "(made by `hymate-client init-key`) and check that --auth-key is its private key",
-    permanent=True,
+    # Retried (bounded): a coordinator that has just restarted accepts connections a few
+    # seconds before it has registered the sites' keys again.
+    permanent=False,
     exit_code=EXIT_REFUSED,
 )
 COORDINATOR_EXPECTS_TLS = SuperNodeFailure(

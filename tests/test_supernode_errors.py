@@ -43,8 +43,9 @@ def test_real_supernode_logs_map_to_plain_reasons(log_name, expected):
     assert explain_supernode_exit(1, read_log_tail(LOGS / log_name)) is expected
 
 
-def test_refusals_are_permanent_and_an_unreachable_coordinator_is_not():
-    assert KEY_NOT_REGISTERED.permanent and KEY_NOT_REGISTERED.exit_code == EXIT_REFUSED
+def test_tls_mismatches_are_permanent_an_unregistered_key_and_an_unreachable_coordinator_are_not():
+    # A just-restarted coordinator listens a few seconds before it has registered its sites again.
+    assert not KEY_NOT_REGISTERED.permanent and KEY_NOT_REGISTERED.exit_code == EXIT_REFUSED
     assert COORDINATOR_EXPECTS_TLS.permanent and COORDINATOR_EXPECTS_TLS.exit_code == EXIT_REFUSED
     assert "not registered with the coordinator" in KEY_NOT_REGISTERED.reason
     assert "expects TLS" in COORDINATOR_EXPECTS_TLS.reason and "--insecure" in COORDINATOR_EXPECTS_TLS.reason
@@ -77,12 +78,22 @@ def fake_supernode(log_text: str, code: int) -> list[str]:
     return [sys.executable, "-c", f"import sys; sys.stdout.write({log_text!r}); sys.exit({code})"]
 
 
-def test_a_refusal_stops_the_site_at_once_with_its_reason(tmp_path, capsys):
-    refused = fake_supernode((LOGS / "key_not_registered.log").read_text(), 1)
-    assert cli.supervise(refused, {}, tmp_path, max_restarts=5) == EXIT_REFUSED
+def test_a_tls_mismatch_stops_the_site_at_once_with_its_reason(tmp_path, capsys):
+    mismatch = fake_supernode((LOGS / "tls_against_insecure.log").read_text(), 1)
+    assert cli.supervise(mismatch, {}, tmp_path, max_restarts=5) == EXIT_REFUSED
     err = capsys.readouterr().err
-    assert "this site's key is not registered with the coordinator" in err and "supernode.log" in err
+    assert COORDINATOR_HAS_NO_TLS.reason in err and "supernode.log" in err
     assert "gave up after" not in err  # not retried
+    assert (tmp_path / "supernode.log").read_text().count("WRONG_VERSION_NUMBER") == 1
+
+
+def test_an_unregistered_key_is_retried_then_refused_with_its_reason(tmp_path, capsys):
+    """A coordinator that has just restarted registers its sites' keys a few seconds after it listens."""
+    refused = fake_supernode((LOGS / "key_not_registered.log").read_text(), 1)
+    assert cli.supervise(refused, {}, tmp_path, max_restarts=1) == EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert "this site's key is not registered with the coordinator" in err and "gave up after 1 restart(s)" in err
+    assert (tmp_path / "supernode.log").read_text().count("Failed to activate SuperNode") >= 2
 
 
 def test_an_unexplained_exit_is_retried_then_reported(tmp_path, capsys):
