@@ -15,7 +15,6 @@ shares the same cores.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from server.run_dir import RunDirectory  # noqa: E402
 from tests.deployment import Deployment, wait_until  # noqa: E402
 
 
@@ -88,8 +88,9 @@ def main() -> int:
         print(f"{args.sites} sites, {args.rounds} rounds, {total:.0f} s from start to finish")
         print("round  wall s  slowest site's train+evaluate s  ratio")
         ratios = []
+        run = RunDirectory(d.run_dir)
         for r in range(1, args.rounds + 1):
-            m = json.loads((d.run_dir / f"round-{r:03d}" / "metrics.json").read_text())
+            m = run.read_round(r).metrics
             local = max(
                 m["sites"]["train"][s]["seconds"] + m["sites"]["evaluate"].get(s, {}).get("seconds", 0.0)
                 for s in m["sites"]["train"]

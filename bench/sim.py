@@ -16,7 +16,6 @@ idle machine.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import threading
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from hymate.model import ModelOptions
 from hymate.train import TrainConfig
+from server.run_dir import RunDirectory
 from simulation.engine import EngineSettings
 from simulation.partitioners import PartitionScheme
 from simulation.protocols import Experiment, SimulationSpec
@@ -87,8 +87,7 @@ def main() -> None:
     run_dir = next(iter(experiment.result.federated_runs.values()))
     print("overhead: 4 sites x 500 stays, d_model 32")
     print(f"{'round':>6}{'wall s':>9}{'client compute s':>18}{'ratio':>8}")
-    for path in sorted(run_dir.glob("round-*/metrics.json")):
-        m = json.loads(path.read_text())
+    for m in RunDirectory(run_dir).history():
         compute = sum(v["seconds"] for phase in ("train", "evaluate") for v in m["sites"][phase].values())
         print(f"{m['round']:>6}{m['seconds']:>9.1f}{compute:>18.1f}{m['seconds'] / compute:>8.2f}")
     print(f"whole run {wall:.0f} s, peak memory {memory.above_baseline_mb:.0f} MB above baseline")

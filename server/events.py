@@ -1,9 +1,9 @@
 """The run's event stream: one JSON line per thing a coordinator wants to see as it happens.
 
 The ServerApp runs in a process the SuperLink starts, so its log reaches the coordinator only
-through ``flwr log``. It also appends every round, reply, rejection and refusal to
-``run-dir/events.jsonl``; ``hymate-server`` follows that file while it waits for the run and
-prints each event as one line. This module owns the format: the only writer and the only reader.
+through ``flwr log``. It also appends every round, reply, rejection and refusal to the run
+directory's event file (``RunDirectory.events_file``); ``hymate-server`` follows that file
+while it waits for the run and prints each event as one line. This module owns the format: the only writer and the only reader.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from hymate.files import to_jsonable
-
-EVENTS_FILE = "events.jsonl"
+from server.run_dir import EVENTS_FILE as EVENTS_FILE  # the name is server.run_dir's; hymate-server imports it here
 
 
 class EventLog:

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -25,13 +25,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
-from hymate.data.normalization import MomentSums, Normalizer
+from hymate.data.normalization import MomentSums
 from hymate.model import HyMaTE
 from hymate.model_bundle import ModelBundle
 from hymate.weight_vector import WEIGHTS_KEY, from_vector, to_vector
-from server.events import EVENTS_FILE, EventLog
+from server.events import EventLog
 from server.exchange import send_and_receive
-from server.model_card import write_final_outputs
+from server.federation_facts import FederationFacts
+from server.model_card import metrics_table, model_card, render_markdown
 from server.run_dir import RoundCheckpoint, RunDirectory, restore_strategy_state, strategy_state
 from server.screening import DropoutReports, Rejection, Screened, screen_replies
 from server.settings import ServerSettings
@@ -43,25 +44,6 @@ log = logging.getLogger(__name__)
 
 class FederationError(RuntimeError):
     """The federation cannot go on (too few sites, inconsistent schemas); names why."""
-
-
-@dataclass
-class FederationFacts:
-    """What the coordinator learns before round 1 and keeps for the whole run (and resume)."""
-
-    variables: list[str]
-    static_names: list[str]
-    dataset: str
-    normalizer: dict[str, list[float] | float]
-    #: Provenance of exactly the sites whose moments shaped the normaliser: the run's members.
-    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: How each member's identity was established ("registered key" or self-reported).
-    identities: dict[str, str] = field(default_factory=dict)
-    #: Normalisation replies that were not used, with the reason.
-    query_rejections: list[dict[str, Any]] = field(default_factory=list)
-
-    def build_normalizer(self) -> Normalizer:
-        return Normalizer.from_arrays({k: np.asarray(v) for k, v in self.normalizer.items()})
 
 
 def weights_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
@@ -131,7 +113,7 @@ class Federation:
         self.settings = settings
         self.run_id = run_id
         self.run_dir = RunDirectory(settings.run_dir)
-        self.events = EventLog(self.run_dir.path / EVENTS_FILE)
+        self.events = EventLog(self.run_dir.events_file)
         self.identities = SiteIdentities(on_refusal=self._refused)
         self.grid = AdmittedGrid(grid, self.identities)  # what the strategy sees
         self.strategy: Strategy = build_strategy(settings.strategy, settings.min_clients)
@@ -156,14 +138,14 @@ class Federation:
         self.events.emit(
             "run-finished",
             rounds_completed=card["training"]["rounds_completed"],
-            model_card=self.run_dir.path / "model_card.md",
+            model_card=self.run_dir.model_card_markdown_file,
         )
         return card
 
     def _run(self, done: list[int]) -> dict[str, Any]:
         s = self.settings
         if done:
-            facts = FederationFacts(**self.run_dir.read_federation()["facts"])
+            facts = self.run_dir.read_facts()
             self.identities.fix_members(facts.sites)  # the normaliser's sites, bound to keys as they connect
             self.wait_for_sites(s.sites_to_wait_for)
             checkpoint = self.run_dir.read_round(done[-1])
@@ -174,12 +156,19 @@ class Federation:
             self.wait_for_sites(s.sites_to_wait_for, s.sites_for_the_query)
             facts = self.learn_facts()
             weights = self.initial_weights(facts)
-            self.run_dir.write_federation({"facts": asdict(facts), "settings": s})
+            self.run_dir.write_federation(facts, s)
         plan = s.plan(facts.build_normalizer()).to_record()
         for server_round in range((done[-1] if done else 0) + 1, s.rounds + 1):
             weights = self.run_round(server_round, weights, plan)
-        bundle = self.bundle(facts, weights)
-        return write_final_outputs(self.run_dir, s, facts, bundle, self.run_id)
+        return self.write_final_outputs(facts, self.bundle(facts, weights))
+
+    def write_final_outputs(self, facts: FederationFacts, bundle: ModelBundle) -> dict[str, Any]:
+        """The model, then its card (which holds the model's SHA-256) and every round's metrics."""
+        history = self.run_dir.history()
+        model_file = self.run_dir.save_model(bundle)
+        card = model_card(history, self.settings, facts, model_file, self.run_id)
+        self.run_dir.write_model_card(card, render_markdown(card, model_file.name), metrics_table(history))
+        return card
 
     def wait_for_sites(self, minimum: int, names: Sequence[str] = ()) -> list[int]:
         """Admitted node ids once at least ``minimum`` sites, and every site in ``names``, are

@@ -12,29 +12,57 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import math
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
-from hymate.files import atomic_write_text, to_jsonable, write_csv, write_json
-from hymate.model_bundle import ModelBundle
+from hymate.files import to_jsonable
+from server.federation_facts import FederationFacts
 from server.label_definitions import label_definition
 from server.metric_intervals import site_intervals
-from server.run_dir import RunDirectory
 from server.settings import ServerSettings
 
 SOFTWARE = ("hymate-fl", "flwr", "torch", "opacus")
+METRICS_COLUMNS = ["round", "phase", "site", "metric", "value"]
+TRAIN, EVALUATE = "train", "evaluate"
 
-if TYPE_CHECKING:
-    from server.federation import FederationFacts
+
+@dataclass(frozen=True)
+class ModelCardSummary:
+    """What a reader of many runs (the simulation's report) needs from one card, typed."""
+
+    rounds_completed: int
+    #: The latest epsilon each DP site reported; sites without DP are absent.
+    privacy_spent_epsilon: dict[str, float]
+    #: The last round's evaluation at each site: metric name -> value (NaN where undefined).
+    final_per_site: dict[str, dict[str, float]]
+    #: The last round's evaluation, weighted by each site's test stays.
+    final_weighted_mean: dict[str, float]
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any]) -> ModelCardSummary:
+        final = card["final_evaluation"]
+        return cls(
+            rounds_completed=int(card["training"]["rounds_completed"]),
+            privacy_spent_epsilon={site: float(eps) for site, eps in card["privacy_spent_epsilon"].items()},
+            final_per_site={site: _floats(metrics) for site, metrics in final["per_site"].items()},
+            final_weighted_mean=_floats(final["weighted_mean"]),
+        )
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    """JSON has no NaN: the card stores an undefined metric as null; read it back as NaN."""
+    return {k: math.nan if v is None else float(v) for k, v in metrics.items()}
 
 
 def metrics_table(history: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for entry in history:
-        for phase in ("train", "evaluate"):
+        for phase in (TRAIN, EVALUATE):
             for site, metrics in entry["sites"][phase].items():
                 rows += [
                     {"round": entry["round"], "phase": phase, "site": site, "metric": k, "value": v}
@@ -44,7 +72,12 @@ def metrics_table(history: list[dict[str, Any]]) -> pd.DataFrame:
                 {"round": entry["round"], "phase": phase, "site": "weighted-mean", "metric": k, "value": v}
                 for k, v in entry[phase].items()
             ]
-    return pd.DataFrame(rows, columns=["round", "phase", "site", "metric", "value"])
+    return pd.DataFrame(rows, columns=METRICS_COLUMNS)
+
+
+def evaluation_curves(table: pd.DataFrame) -> pd.DataFrame:
+    """The evaluation rows of a ``metrics_table``, without the phase column."""
+    return table[table["phase"] == EVALUATE].drop(columns="phase").reset_index(drop=True)
 
 
 def privacy_spent(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -106,14 +139,12 @@ def identity_summary(facts: FederationFacts) -> dict[str, Any]:
     }
 
 
-def write_final_outputs(
-    run_dir: RunDirectory, settings: ServerSettings, facts: FederationFacts, bundle: ModelBundle, run_id: int = 0
+def model_card(
+    history: list[dict[str, Any]], settings: ServerSettings, facts: FederationFacts, model_path: Path, run_id: int = 0
 ) -> dict[str, Any]:
-    history = run_dir.history()
-    last = history[-1] if history else {"sites": {"evaluate": {}}, "evaluate": {}}
-    model_path = run_dir.path / "model.pt"
-    bundle.save(model_path)
-    card = {
+    """The card of the run whose rounds are ``history`` and whose saved model is ``model_path``."""
+    last = history[-1] if history else {"sites": {EVALUATE: {}}, EVALUATE: {}}
+    return {
         "model": "HyMaTE (hybrid Mamba + Transformer) for binary outcomes from ICU stays",
         "run": {
             "id": run_id,
@@ -148,21 +179,18 @@ def write_final_outputs(
         "rounds_by_site": rounds_by_site(history),
         "data_provenance": facts.sites,
         "final_evaluation": {
-            "weighted_mean": last["evaluate"],
-            "per_site": last["sites"]["evaluate"],
-            "per_site_95ci": {site: site_intervals(m) for site, m in sorted(last["sites"]["evaluate"].items())},
+            "weighted_mean": last[EVALUATE],
+            "per_site": last["sites"][EVALUATE],
+            "per_site_95ci": {site: site_intervals(m) for site, m in sorted(last["sites"][EVALUATE].items())},
         },
         "privacy_spent_epsilon": privacy_spent(history),
         "rejected_replies": facts.query_rejections + [r for entry in history for r in entry["rejected"]],
         "refused_nodes": refused_nodes(history),
     }
-    write_json(run_dir.path / "model_card.json", card)
-    atomic_write_text(run_dir.path / "model_card.md", render_markdown(card))
-    write_csv(run_dir.path / "metrics.csv", metrics_table(history))
-    return card
 
 
-def render_markdown(card: dict[str, Any]) -> str:
+def render_markdown(card: dict[str, Any], model_file: str) -> str:
+    """The card for people; ``model_file``: the name of the model file whose SHA-256 it states."""
     card = to_jsonable(card)
     t = card["training"]
     run, identity = card["run"], card["identity"]
@@ -171,7 +199,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         "# Model card: HyMaTE, federated",
         "",
         f"Run {run['id']}, {run['date']}; {software}.",
-        f"`model.pt` SHA-256: `{run['model_sha256']}`",
+        f"`{model_file}` SHA-256: `{run['model_sha256']}`",
         "",
         f"Task: binary outcome on **{card['task']['dataset']}** stays, "
         f"{len(card['task']['variables'])} time-series variables, {len(card['task']['static_features'])} static features.",

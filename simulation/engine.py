@@ -75,31 +75,30 @@ def simulate_federation(
     ``privacy``: DP settings every virtual site trains with (``SiteSettings`` fields such as
     ``epsilon``); ``min_sites``: sites that must reply each round (default: all of them).
     """
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = run_dir / "manifest.json"
+    runs = RunDirectory(Path(run_dir).resolve())
+    runs.path.mkdir(parents=True, exist_ok=True)
+    manifest_path = runs.simulation_manifest_file
     SimulationManifest(
         dataset=dataset,
         data=str(Path(data).resolve()) if data else None,
-        state_root=str(run_dir / "sites"),
+        state_root=str(runs.site_state_root),
         partitions=[Partition(name, list(ids)) for name, ids in partitions.items()],
         split_seed=split_seed,
         dataset_options=dataset_options,
         privacy=privacy or {},
     ).save(manifest_path)
     config = dict(run_config) | {
-        "run-dir": str(run_dir),
+        "run-dir": str(runs.path),
         "simulation-manifest": str(manifest_path),
         "min-clients": min(min_sites or len(partitions), len(partitions)),
     }
-    config_file = run_dir / "superlink" / "run_config.toml"
+    config_file = runs.superlink_run_config_file
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(tomli_w.dumps(config))
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="hymate-ray-"))  # short: Ray's socket paths have a length limit
     env = {"RAY_ADDRESS": engine.ray_address} if engine.ray_address else {"RAY_TMPDIR": str(ray_tmp)}
-    superlink = SuperLink(run_dir / "superlink", "127.0.0.1", free_port(), tls=None, simulation=True, env=env)
-    runs = RunDirectory(run_dir)
+    superlink = SuperLink(runs.superlink_dir, "127.0.0.1", free_port(), tls=None, simulation=True, env=env)
     try:
         superlink.start()
         run_id = superlink.run_app(PROJECT_DIR, config_file, engine.federation_config(len(partitions)))
@@ -107,7 +106,7 @@ def simulate_federation(
             run_id,
             engine.timeout,
             on_poll=(lambda: on_progress(runs.completed_rounds())) if on_progress else None,
-            finished_hint=lambda: (run_dir / "model_card.json").exists(),
+            finished_hint=runs.is_finished,
         )
         if status != "finished:completed":
             raise SimulationError(f"simulation ended as {status}:\n{superlink.run_log(run_id)[-3000:]}")

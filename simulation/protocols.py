@@ -291,7 +291,7 @@ class Experiment:
                 on_progress=_progress(bar),
             )
         self.result.federated_runs[label] = runs.path
-        return ModelBundle.load(runs.path / "model.pt")
+        return runs.load_model()
 
     def _remember_importance(self, model: HyMaTE, normalizer) -> None:
         scores = variable_importance(model, normalizer, self._pooled("test"), self.spec.train.max_events)

@@ -16,7 +16,6 @@ out/report.md            all of the above in one page
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -28,6 +27,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from hymate.files import atomic_write_text, write_csv  # noqa: E402
+from server.run_dir import RunDirectory  # noqa: E402
 
 RESULT_COLUMNS = [
     "protocol",
@@ -53,10 +53,9 @@ def curves_frame(runs: dict[str, Path]) -> pd.DataFrame:
     """Per-round, per-site evaluation metrics of every federated run."""
     frames = []
     for label, path in runs.items():
-        csv = Path(path) / "metrics.csv"
-        if csv.exists():
-            frame = pd.read_csv(csv)
-            frames.append(frame[frame["phase"] == "evaluate"].assign(run=label))
+        run = RunDirectory(path)
+        if run.is_finished():
+            frames.append(run.evaluation_curves().assign(run=label))
     return (
         pd.concat(frames, ignore_index=True)
         if frames
@@ -65,11 +64,12 @@ def curves_frame(runs: dict[str, Path]) -> pd.DataFrame:
 
 
 def privacy_frame(runs: dict[str, Path]) -> pd.DataFrame:
+    """Epsilon spent per site of every finished federated run (none for runs without DP)."""
     rows = []
     for label, path in runs.items():
-        card = Path(path) / "model_card.json"
-        if card.exists():
-            spent = json.loads(card.read_text()).get("privacy_spent_epsilon", {})
+        run = RunDirectory(path)
+        if run.is_finished():
+            spent = run.model_card().privacy_spent_epsilon
             rows += [{"run": label, "site": site, "epsilon": eps} for site, eps in spent.items()]
     return pd.DataFrame(rows, columns=["run", "site", "epsilon"])
 

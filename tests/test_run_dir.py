@@ -4,7 +4,11 @@ import numpy as np
 import pytest
 from flwr.serverapp.strategy import FedAdam
 
+from server.federation_facts import FederationFacts
 from server.run_dir import RoundCheckpoint, RunDirectory, RunDirError, restore_strategy_state, strategy_state
+from server.settings import ServerSettings
+
+FACTS = FederationFacts(variables=["HR"], static_names=["Age"], dataset="synthetic", normalizer={})
 
 
 def checkpoint(r: int) -> RoundCheckpoint:
@@ -16,7 +20,7 @@ def checkpoint(r: int) -> RoundCheckpoint:
 def test_rounds_round_trip_and_history_is_in_order(tmp_path):
     run = RunDirectory(tmp_path / "run")
     run.prepare(resume=False)
-    run.write_federation({"facts": {}})
+    run.write_federation(FACTS, ServerSettings())
     for r in (1, 2, 3):
         run.write_round(checkpoint(r))
     assert run.completed_rounds() == [1, 2, 3]
@@ -29,7 +33,7 @@ def test_rounds_round_trip_and_history_is_in_order(tmp_path):
 def test_a_half_written_round_is_invisible_and_cleared_on_resume(tmp_path):
     run = RunDirectory(tmp_path)
     run.prepare(resume=False)
-    run.write_federation({"facts": {}})
+    run.write_federation(FACTS, ServerSettings())
     run.write_round(checkpoint(1))
     torn = tmp_path / ".round-002.tmp"
     torn.mkdir()
@@ -44,7 +48,7 @@ def test_a_fresh_run_refuses_a_used_run_dir_and_resume_needs_a_started_one(tmp_p
     with pytest.raises(RunDirError, match="holds no started run"):
         run.prepare(resume=True)
     run.prepare(resume=False)
-    run.write_federation({"facts": {}})
+    run.write_federation(FACTS, ServerSettings())
     run.write_round(checkpoint(1))
     with pytest.raises(RunDirError, match="already holds a run .1 rounds.; pass --resume"):
         run.prepare(resume=False)
@@ -67,3 +71,13 @@ def test_server_optimizer_state_survives_a_checkpoint():
     fresh = FedAdam()
     restore_strategy_state(fresh, state)
     np.testing.assert_array_equal(fresh.m_t["w"], np.ones(3))
+
+
+def test_the_facts_round_trip_and_a_damaged_federation_file_is_named(tmp_path):
+    run = RunDirectory(tmp_path)
+    run.prepare(resume=False)
+    run.write_federation(FACTS, ServerSettings(rounds=4))
+    assert run.read_facts() == FACTS
+    (tmp_path / "federation.json").write_text('{"settings": {}}')
+    with pytest.raises(RunDirError, match="federation.json holds no valid 'facts'"):
+        run.read_facts()
