@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hymate.allocator import return_large_blocks_to_os, trim_heap
 from hymate.data.batches import Batch
 from hymate.metrics import auprc, auroc
 
@@ -98,7 +99,10 @@ def train_epoch(
     """One pass over ``batches``; returns the mean training loss per stay.
 
     ``max_grad_norm=None`` leaves clipping to the optimizer (Opacus clips per sample).
+    Freed activations go back to the OS (``hymate.allocator``), so resident memory follows
+    the largest batch instead of growing with heap fragmentation.
     """
+    return_large_blocks_to_os()
     model.train()
     weight = torch.tensor(pos_weight, device=device)
     total, count = 0.0, 0
@@ -119,6 +123,7 @@ def train_epoch(
             scheduler.step()
         total += loss.item() * len(batch)
         count += len(batch)
+    trim_heap()
     return total / max(count, 1)
 
 

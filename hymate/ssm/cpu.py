@@ -39,12 +39,13 @@ class _SelectiveScanCpu(torch.autograd.Function):
         chunk_states = u.new_empty(batch, dim, n_chunks, n)
         last_state = u.new_empty(batch, dim, n)
         cpu_kernel.sync_threads()
-        cpu_kernel.scan_forward(
-            _np(u), _np(delta), _np(A), _np(B), _np(C),
-            _or_zeros(D, (dim,), u), _or_zeros(z, (1, 1, 1), u), _or_zeros(delta_bias, (dim,), u),
-            delta_softplus, z is not None,
-            _np(out), _np(chunk_states), _np(last_state),
-        )  # fmt: skip
+        with torch.profiler.record_function("hymate::scan_forward"):  # else torch.profiler misses it
+            cpu_kernel.scan_forward(
+                _np(u), _np(delta), _np(A), _np(B), _np(C),
+                _or_zeros(D, (dim,), u), _or_zeros(z, (1, 1, 1), u), _or_zeros(delta_bias, (dim,), u),
+                delta_softplus, z is not None,
+                _np(out), _np(chunk_states), _np(last_state),
+            )  # fmt: skip
         return out, last_state, chunk_states
 
     @staticmethod
@@ -73,12 +74,13 @@ class _SelectiveScanCpu(torch.autograd.Function):
         dz = torch.empty_like(u) if z is not None else u.new_empty(1, 1, 1)
         dA, dD, dbias = u.new_empty(batch, dim, n), u.new_empty(batch, dim), u.new_empty(batch, dim)
         dB, dC = u.new_zeros(batch, groups, length * n), u.new_zeros(batch, groups, length * n)
-        cpu_kernel.scan_backward(
-            _np(u), _np(delta), _np(A), _np(B), _np(C),
-            _or_zeros(D, (dim,), u), _or_zeros(z, (1, 1, 1), u), _or_zeros(delta_bias, (dim,), u),
-            ctx.delta_softplus, z is not None, _np(chunk_states), _np(dout), _np(dlast),
-            _np(du), _np(ddelta), _np(dz), _np(dA), _np(dD), _np(dbias), _np(dB), _np(dC),
-        )  # fmt: skip
+        with torch.profiler.record_function("hymate::scan_backward"):
+            cpu_kernel.scan_backward(
+                _np(u), _np(delta), _np(A), _np(B), _np(C),
+                _or_zeros(D, (dim,), u), _or_zeros(z, (1, 1, 1), u), _or_zeros(delta_bias, (dim,), u),
+                ctx.delta_softplus, z is not None, _np(chunk_states), _np(dout), _np(dlast),
+                _np(du), _np(ddelta), _np(dz), _np(dA), _np(dD), _np(dbias), _np(dB), _np(dC),
+            )  # fmt: skip
         sink: ScanGradSink | None = ctx.grad_sink
         if sink is not None:
             sink.dA = dA
