@@ -6,7 +6,7 @@ without, and prints pooled and mean per-site test AUROC/AUPRC of both with the D
 ratio (issue bar: DP AUROC at least 0.95 of non-DP at epsilon 8, delta 1e-5).
 
     python bench/dp_utility.py --synthetic-stays 1500 --rounds 20 --local-epochs 2 \
-        --dp-epsilon 8 --dp-delta 1e-5 --batch-size 128 --lr 3e-3 --dropout 0
+        --dp-epsilon 8 --dp-delta 1e-5 --batch-size 128 --learning-rate 3e-3 --dropout 0
     python bench/dp_utility.py --dataset physionet2012 --data .cache/data/physionet2012 \
         --d-model 32 --max-events 400 --rounds 10 --dp-epsilon 8 --dp-delta 1e-5 ...
 """

@@ -101,20 +101,10 @@ class ServerSettings:
         return from_run_config(cls, config)
 
     def plan(self, normalizer) -> LocalPlan:
-        """What every site is asked to do each round."""
-        return LocalPlan(
-            model=self.model,
-            normalizer=normalizer,
-            local_epochs=self.local_epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            clip_grad_norm=self.clip_grad_norm,
-            max_events=self.max_events,
-            seed=self.seed,
-            planned_rounds=self.rounds,
-            local_norms=self.local_norms,
-        )
+        """What every site is asked to do each round: the fields LocalPlan shares with these settings."""
+        mine = {f.name for f in fields(self)}
+        shared = {f.name: getattr(self, f.name) for f in fields(LocalPlan) if f.name in mine}
+        return LocalPlan(normalizer=normalizer, planned_rounds=self.rounds, **shared)
 
 
 def config_key_of(name: str) -> str:

@@ -76,3 +76,12 @@ def test_flags_are_derived_from_the_fields():
     )
     with pytest.raises(SystemExit):
         parser.parse_args(["--scan-backend", "gpu"])
+
+
+def test_the_plan_carries_every_shared_training_setting():
+    settings = ServerSettings(
+        rounds=4, batch_size=8, clip_grad_norm=0.5, local_norms=True, model=ModelOptions(n_heads=2)
+    )
+    plan = settings.plan(normalizer=None)
+    assert (plan.batch_size, plan.clip_grad_norm, plan.local_norms, plan.planned_rounds) == (8, 0.5, True, 4)
+    assert plan.model.n_heads == 2 and plan.learning_rate == settings.learning_rate
