@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from dataclasses import fields
 
@@ -137,3 +138,25 @@ def test_init_certs_and_init_key_are_subcommands(capsys):
 def test_hymate_server_without_run_dir_says_so(capsys):
     assert server_cli.main(["--insecure"]) == 2
     assert "--run-dir is required" in capsys.readouterr().err
+
+
+def test_the_sims_dp_flags_reach_every_virtual_site_as_dp_settings(tmp_path):
+    from client.partition import Partition, SimulationManifest, open_partition
+    from hymate.data import load_dataset
+
+    spec = sim_cli.spec_from_args(
+        sim_cli.build_parser().parse_args(["--dp-epsilon", "8", "--dp-accountant", "prv", "--out", str(tmp_path / "o")])
+    )
+    assert spec.privacy == DPSettings(epsilon=8.0, accountant="prv")
+    assert sim_cli.spec_from_args(sim_cli.build_parser().parse_args(["--out", str(tmp_path / "p")])).privacy is None
+    stays = [str(s) for s in load_dataset("synthetic", None, n_sites=2, stays_per_site=60).stay_ids[:60]]
+    manifest = tmp_path / "manifest.json"
+    SimulationManifest(
+        dataset="synthetic",
+        data=None,
+        state_root=str(tmp_path / "sites"),
+        partitions=[Partition("site-a", stays)],
+        dataset_options={"n_sites": 2, "stays_per_site": 60},
+        privacy=dataclasses.asdict(spec.privacy),
+    ).save(manifest)
+    assert open_partition(str(manifest), 0).settings.dp == spec.privacy
