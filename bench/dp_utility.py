@@ -6,7 +6,7 @@ without, and prints pooled and mean per-site test AUROC/AUPRC of both with the D
 ratio (issue bar: DP AUROC at least 0.95 of non-DP at epsilon 8, delta 1e-5).
 
     python bench/dp_utility.py --synthetic-stays 1500 --rounds 20 --local-epochs 2 \
-        --dp-epsilon 8 --dp-delta 1e-5 --batch-size 128 --lr 3e-3 --dropout 0
+        --dp-epsilon 8 --dp-delta 1e-5 --batch-size 128 --learning-rate 3e-3 --dropout 0
     python bench/dp_utility.py --dataset physionet2012 --data .cache/data/physionet2012 \
         --d-model 32 --max-events 400 --rounds 10 --dp-epsilon 8 --dp-delta 1e-5 ...
 """
@@ -46,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/dp_utility.py: give --dp-epsilon (and --dp-delta): the budget of the DP run", file=sys.stderr)
         return 2
     private = dataclasses.replace(spec, protocols=("federated",), out=root / "dp")
-    plain = dataclasses.replace(private, out=root / "plain", privacy={})
+    plain = dataclasses.replace(private, out=root / "plain", privacy=None)
     results = {}
     for label, spec in (("non-DP", plain), ("DP", private)):
         results[label], seconds = federated_scores(spec)
         print(f"{label}: {seconds:.0f} s, {results[label]}", flush=True)
     table = pd.DataFrame(results)
     table["DP / non-DP"] = table["DP"] / table["non-DP"]
-    budget = f"epsilon {private.privacy['epsilon']:g}, delta {private.privacy['delta']:g}"
+    budget = f"epsilon {private.privacy.epsilon:g}, delta {private.privacy.delta:g}"
     print(f"\nfederated, {private.rounds} rounds x {private.local_epochs} local epochs, DP at every site: {budget}")
     print(table.to_string(float_format=lambda x: f"{x:.4f}"))
     print(f"runs: {root}")

@@ -11,7 +11,7 @@ run time, and only model updates and aggregate metrics leave the site.
 
     hymate-client init-key /etc/hymate/key --name hospital-1    the site's own key pair (once)
 
-Every option is checked before anything starts: a value of 0 is a value (``--epsilon 0`` is an
+Every option is checked before anything starts: a value of 0 is a value (``--dp-epsilon 0`` is an
 error, not "no DP"; ``--max-restarts 0`` means no restart), the key must parse, match its
 ``.pub`` and be readable only by its owner (a key others can read is refused, not warned about),
 and the root certificate must parse. Exit codes (``client.supernode_errors``): 0 done, 2 bad
@@ -28,14 +28,22 @@ import logging
 import signal
 import sys
 import time
-import tomllib
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from client.app import app as installed_clientapp
 from client.runner import AppPolicy, SiteRunner, new_runtime_secret
-from client.site import SETTING_RULES, SiteConfigError, SiteSettings, open_site
+from client.site import (
+    DEPRECATED_DP_KEYS,
+    SETTING_RULES,
+    DPSettings,
+    SiteConfigError,
+    SiteSettings,
+    add_dp_flags,
+    open_site,
+)
 from client.site_keys import SiteKeyError, check_root_certificate, check_site_key, write_site_key_pair
 from client.supernode_errors import (
     EXIT_BAD_CONFIGURATION,
@@ -45,9 +53,11 @@ from client.supernode_errors import (
     explain_supernode_exit,
     read_log_tail,
 )
+from hymate.cli_options import add_deprecated_alias, config_file_options
 from hymate.data import DataError
 from hymate.privacy import LedgerError, PrivacyLedger
 from hymate.processes import free_port, start_child, stop_child
+from hymate.settings_fields import dest_of
 
 log = logging.getLogger("hymate-client")
 
@@ -76,13 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-key", type=Path, help="this site's private key (its .pub is registered by the coordinator)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     dp = p.add_argument_group("differential privacy (the site's own budget)")
-    dp.add_argument("--epsilon", type=float, help="privacy budget over the site's whole life (> 0); enables DP-SGD")
-    dp.add_argument("--delta", type=float, help="delta of (epsilon, delta)-DP, in (0, 1) (default 1e-5)")
-    dp.add_argument("--max-grad-norm", type=float, help="per-sample gradient clipping bound, > 0 (default 1.0)")
-    dp.add_argument("--dp-accountant", choices=("rdp", "prv"), help="privacy accountant (default rdp)")
-    dp.add_argument(
-        "--dp-planned-rounds", type=int, help="rounds to calibrate noise for, >= 1 (default: the coordinator's plan)"
-    )
+    add_dp_flags(dp, given_only=True)
     p.add_argument("--insecure", action="store_true", default=None, help="no TLS (never with patient data)")
     p.add_argument(
         "--max-restarts",
@@ -100,22 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--runtime-port", type=int, help="loopback port between the SuperNode and this site's runner (default: free)"
     )
     p.add_argument("-v", "--verbose", action="store_true", default=None)
+    for old, new in DEPRECATED_DP_KEYS.items():
+        add_deprecated_alias(p, f"--{old}", f"--{new}")
+    add_init_key_parser(p.add_subparsers(dest="command", metavar="init-key"))
     return p
 
 
-def build_init_key_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="hymate-client init-key",
+def add_init_key_parser(commands) -> None:
+    p = commands.add_parser(
+        "init-key",
+        help="create this site's key pair",
         description="Create this site's SuperNode key pair (ECDSA P-384, OpenSSH format) on this machine. "
         "Give only the .pub file to the coordinator; the private key never leaves the site.",
     )
     p.add_argument("directory", type=Path, help="folder for the key pair (created if missing)")
     p.add_argument("--name", default="site", help="file name of the key, and the name the coordinator registers")
-    return p
 
 
-def init_key(argv: list[str]) -> int:
-    args = build_init_key_parser().parse_args(argv)
+def init_key(args: argparse.Namespace) -> int:
     private = write_site_key_pair(args.directory, args.name)
     print(f"private key: {private} (mode 0600; stays on this machine: pass it as --auth-key)")
     print(f"public key:  {private}.pub")
@@ -130,42 +136,13 @@ CLI_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _config_file_options(path: Path, parser: argparse.ArgumentParser) -> dict[str, tuple[Any, str]]:
-    """The config file's options as ``dest -> (value, key as written)``, each converted like its flag."""
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise SiteConfigError(f"--config {path}: {e}") from e
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-    unknown = sorted(k for k in raw if k.replace("-", "_") not in actions)
-    if unknown:
-        raise SiteConfigError(f"--config {path}: unknown options {unknown}")
-    options = {}
-    for key, value in raw.items():
-        action = actions[key.replace("-", "_")]
-        where = f"--config {path}: {key} = {value!r}"
-        if isinstance(action, argparse._StoreTrueAction):
-            if not isinstance(value, bool):
-                raise SiteConfigError(f"{where} must be true or false ({action.option_strings[-1]})")
-        else:
-            kind = action.type or str
-            accepted = {float: (int, float), int: (int,), Path: (str,), str: (str,)}[kind]
-            if isinstance(value, bool) or not isinstance(value, accepted):
-                raise SiteConfigError(f"{where} must be a {kind.__name__} ({action.option_strings[-1]})")
-            value = kind(value)
-            if action.choices and value not in action.choices:
-                raise SiteConfigError(f"{where} must be one of {', '.join(action.choices)}")
-        options[action.dest] = (value, key)
-    return options
-
-
 def merged_options(args: argparse.Namespace) -> dict:
     """Flags over the config file's values over the defaults; 0 and false are values like any other.
 
     Every value is checked here, before anything starts: a bad one is an error naming the flag
     (and the config file's key it came from), never a silently different setting.
     """
-    from_file = _config_file_options(args.config, build_parser()) if args.config else {}
+    from_file = config_file_options(args.config, build_parser(), SiteConfigError) if args.config else {}
     flags = {k: v for k, v in vars(args).items() if v is not None}
     options = {"max_restarts": DEFAULT_MAX_RESTARTS} | {k: v for k, (v, _) in from_file.items()} | flags
     for name, (valid, rule) in (SETTING_RULES | CLI_RULES).items():
@@ -179,19 +156,7 @@ def merged_options(args: argparse.Namespace) -> dict:
 def site_config(options: dict) -> dict[str, str]:
     """The site's settings as node-config keys (paths made absolute: the SuperNode runs elsewhere)."""
     config = {}
-    for option in (
-        "dataset",
-        "data",
-        "site",
-        "name",
-        "state_dir",
-        "device",
-        "epsilon",
-        "delta",
-        "max_grad_norm",
-        "dp_accountant",
-        "dp_planned_rounds",
-    ):
+    for option in ("dataset", "data", "site", "name", "state_dir", "device", *(dest_of(f) for f in fields(DPSettings))):
         value = options.get(option)
         if value is not None:
             config[option.replace("_", "-")] = (
@@ -320,14 +285,13 @@ def _stop_with(reason: str, exit_code: int, log_file: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["init-key"]:
+    args = build_parser().parse_args(argv)
+    if args.command == "init-key":
         try:
-            return init_key(argv[1:])
+            return init_key(args)
         except (SiteKeyError, OSError) as e:
             print(f"hymate-client init-key: error: {e}", file=sys.stderr)
             return EXIT_BAD_CONFIGURATION
-    args = build_parser().parse_args(argv)
     try:
         options = merged_options(args)
         logging.basicConfig(

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from client.site import LocalData, SiteSettings
+from client.site import DPSettings, LocalData, SiteSettings
 from hymate.data import LoadSummary, load_dataset, split_stays
 from hymate.data.stays import DataError, StayTable
 from hymate.files import atomic_write_text
@@ -37,7 +37,7 @@ class SimulationManifest:
     partitions: list[Partition]
     split_seed: int = 0
     dataset_options: dict[str, Any] = field(default_factory=dict)
-    privacy: dict[str, Any] = field(default_factory=dict)  # SiteSettings DP fields every virtual site gets
+    privacy: dict[str, Any] = field(default_factory=dict)  # DPSettings fields every virtual site gets (none: no DP)
 
     def save(self, path: Path) -> None:
         atomic_write_text(Path(path), json.dumps(asdict(self)))
@@ -73,7 +73,7 @@ def open_partition(manifest_path: str, partition_id: int) -> LocalData:
         data=Path(manifest.data) if manifest.data else None,
         name=partition.name,
         split_seed=manifest.split_seed,
-        **manifest.privacy,
+        dp=DPSettings(**manifest.privacy) if manifest.privacy else None,
     )
     train, val, test = split_stays(sub, seed=manifest.split_seed).tables(sub)
     return LocalData(settings, train, val, test, LoadSummary(source=manifest.dataset, stays=len(sub)))

@@ -7,10 +7,11 @@ device, and (for privacy) its budget.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 from hymate.data import DataError, LoadSummary, load_dataset, split_stays
 from hymate.data.stays import StayTable
 from hymate.privacy.calibration import ACCOUNTANTS, DPConfig
+from hymate.settings_fields import add_flags, config_key, dest_of, field_kind, flag_values, setting
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +34,78 @@ def _finite_positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
 
-# What a site's privacy settings must satisfy, checked wherever they enter (flags, config file,
-# node config): a bad value is a start-up error, never a silent "train without DP".
+# What a site's privacy settings must satisfy, by option (flag ``--dp-epsilon``, node-config key
+# ``dp-epsilon``), checked wherever they enter (flags, config file, node config): a bad value is a
+# start-up error, never a silent "train without DP".
 SETTING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "epsilon": (_finite_positive, "must be a finite number > 0"),
-    "delta": (lambda v: 0 < v < 1, "must be in (0, 1)"),
-    "max_grad_norm": (_finite_positive, "must be a finite number > 0"),
+    "dp_epsilon": (_finite_positive, "must be a finite number > 0"),
+    "dp_delta": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "dp_max_grad_norm": (_finite_positive, "must be a finite number > 0"),
     "dp_planned_rounds": (lambda v: v >= 1, "must be at least 1"),
     "dp_accountant": (lambda v: v in ACCOUNTANTS, f"must be one of {', '.join(ACCOUNTANTS)}"),
 }
 
+# Node-config keys and flags of releases before the dp- prefix; still read, with a deprecation line.
+DEPRECATED_DP_KEYS = {"epsilon": "dp-epsilon", "delta": "dp-delta", "max-grad-norm": "dp-max-grad-norm"}
+
 # Keys Flower itself may put into a node config (simulation); every other key must be one of ours,
 # so that a misspelt key (``epsilom=8``) is an error instead of a site that trains without DP.
 FLOWER_NODE_CONFIG_KEYS = frozenset({"partition-id", "num-partitions"})
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """A site's own privacy budget and how it is spent; never the coordinator's to set.
+
+    The fields are the site's ``--dp-*`` flags and ``dp-*`` node-config keys.
+    """
+
+    epsilon: float = setting(key="dp-epsilon", help="privacy budget over the site's whole life (> 0); enables DP-SGD")
+    delta: float = setting(1e-5, key="dp-delta", help="delta of (epsilon, delta)-DP, in (0, 1)")
+    # DP's per-sample clip (not the optimiser's clip-grad-norm of the run config).
+    max_grad_norm: float = setting(1.0, key="dp-max-grad-norm", help="per-sample gradient clipping bound, > 0")
+    accountant: str = setting("rdp", key="dp-accountant", choices=tuple(ACCOUNTANTS), help="privacy accountant")
+    planned_rounds: int | None = setting(
+        None, key="dp-planned-rounds", help="rounds to calibrate noise for, >= 1 (default: the coordinator's plan)"
+    )
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_dp_setting(config_key(f), getattr(self, f.name))
+
+    def for_rounds(self, planned_rounds: int) -> DPConfig:
+        """The calibration input for a federation planned to last ``planned_rounds`` rounds
+        (the site's own ``planned_rounds`` wins)."""
+        return DPConfig(
+            target_epsilon=self.epsilon,
+            delta=self.delta,
+            max_grad_norm=self.max_grad_norm,
+            accountant=self.accountant,
+            planned_rounds=self.planned_rounds if self.planned_rounds is not None else planned_rounds,
+        )
+
+
+def add_dp_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, given_only: bool = False) -> None:
+    """The ``--dp-*`` flags, derived from DPSettings (``given_only``: every default None, so a value
+    given as 0 is told apart from one not given)."""
+    add_flags(parser, DPSettings, defaults={f.name: None for f in fields(DPSettings)} if given_only else None)
+
+
+def dp_settings_from(options: Mapping[str, Any]) -> DPSettings | None:
+    """DPSettings from parsed options (by flag destination); None when no ``--dp-epsilon`` was given."""
+    given = argparse.Namespace(**{dest_of(f): None for f in fields(DPSettings)} | dict(options))
+    values = {k: v for k, v in flag_values(DPSettings, given).items() if v is not None}
+    if "epsilon" not in values:
+        for f in fields(DPSettings):  # a bad value is an error even without an epsilon
+            _check_dp_setting(config_key(f), values.get(f.name))
+        return None
+    return DPSettings(**values)
+
+
+def _check_dp_setting(key: str, value: Any) -> None:
+    valid, rule = SETTING_RULES[key.replace("-", "_")]
+    if value is not None and not valid(value):
+        raise SiteConfigError(f"{key}={value!r} {rule} (hymate-client --{key}, node config {key!r})")
 
 
 @dataclass(frozen=True)
@@ -58,19 +119,7 @@ class SiteSettings:
     device: str = "auto"
     split_seed: int = 0
     name: str | None = None  # how the coordinator's reports name this site
-    # Differential privacy: the site's own budget, never the coordinator's to set.
-    epsilon: float | None = None  # None: train without DP
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    dp_accountant: str = "rdp"
-    dp_planned_rounds: int | None = None  # rounds the noise is calibrated for (default: the coordinator's plan)
-
-    def __post_init__(self) -> None:
-        for name, (valid, rule) in SETTING_RULES.items():
-            value = getattr(self, name)
-            if value is not None and not valid(value):
-                key = name.replace("_", "-")
-                raise SiteConfigError(f"{key}={value!r} {rule} (hymate-client --{key}, node config {key!r})")
+    dp: DPSettings | None = None  # None: train without DP
 
     def privacy(self, planned_rounds: int) -> DPConfig | None:
         """The site's DP settings for a federation planned to last ``planned_rounds`` rounds.
@@ -78,26 +127,26 @@ class SiteSettings:
         None only when the site set no epsilon at all; a site with an epsilon gets a DPConfig
         or an error, never None.
         """
-        if self.epsilon is None:
-            return None
-        return DPConfig(
-            target_epsilon=self.epsilon,
-            delta=self.delta,
-            max_grad_norm=self.max_grad_norm,
-            accountant=self.dp_accountant,
-            planned_rounds=self.dp_planned_rounds if self.dp_planned_rounds is not None else planned_rounds,
-        )
+        return None if self.dp is None else self.dp.for_rounds(planned_rounds)
 
     @classmethod
     def from_node_config(cls, config: Mapping[str, Any]) -> SiteSettings:
         """The settings a ``--node-config`` gives; an absent key takes its default.
 
-        A key that is present must hold a valid value: ``epsilon=""`` or ``epsilon="8x"`` is an
-        error, not a site without DP, and so is a key this class does not know.
+        A key that is present must hold a valid value: ``dp-epsilon=""`` or ``dp-epsilon="8x"`` is
+        an error, not a site without DP, and so is a key this class does not know.
         """
         unknown = set(config) - NODE_CONFIG_KEYS - FLOWER_NODE_CONFIG_KEYS
         if unknown:
             raise SiteConfigError(f"node config has unknown keys {sorted(unknown)}; known: {sorted(NODE_CONFIG_KEYS)}")
+        config, written = dict(config), {}  # written: the key as the config spelt it, for errors
+        for old, new in DEPRECATED_DP_KEYS.items():
+            if old in config:
+                log.warning("node config key %r is deprecated; use %r", old, new)
+                if new in config:
+                    raise SiteConfigError(f"node config has both {old!r} and {new!r}; keep {new!r}")
+                config[new] = config.pop(old)
+                written[new] = old
 
         def get(key: str, kind: type, default: Any = None, required: bool = False) -> Any:
             if key not in config:
@@ -105,7 +154,7 @@ class SiteSettings:
                     raise SiteConfigError(f"node config lacks {key!r} (hymate-client --{key})")
                 return default
             value = config[key]
-            invalid = SiteConfigError(f"node config {key!r}={value!r} is not a valid {kind.__name__}")
+            invalid = SiteConfigError(f"node config {written.get(key, key)!r}={value!r} is not a valid {kind.__name__}")
             if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
                 raise invalid
             if kind is int and isinstance(value, float) and not value.is_integer():
@@ -115,6 +164,7 @@ class SiteSettings:
             except (TypeError, ValueError):
                 raise invalid from None
 
+        dp_values = {f.name: get(config_key(f), field_kind(DPSettings, f.name)) for f in fields(DPSettings)}
         return cls(
             dataset=get("dataset", str, required=True),
             state_dir=get("state-dir", Path, required=True),
@@ -123,11 +173,7 @@ class SiteSettings:
             device=get("device", str, "auto"),
             split_seed=get("split-seed", int, 0),
             name=get("name", str),
-            epsilon=get("epsilon", float),
-            delta=get("delta", float, 1e-5),
-            max_grad_norm=get("max-grad-norm", float, 1.0),
-            dp_accountant=get("dp-accountant", str, "rdp"),
-            dp_planned_rounds=get("dp-planned-rounds", int),
+            dp=dp_settings_from({dest_of(f): dp_values[f.name] for f in fields(DPSettings)}),
         )
 
     @property
@@ -136,20 +182,9 @@ class SiteSettings:
 
 
 NODE_CONFIG_KEYS = frozenset(
-    {
-        "dataset",
-        "state-dir",
-        "data",
-        "site",
-        "device",
-        "split-seed",
-        "name",
-        "epsilon",
-        "delta",
-        "max-grad-norm",
-        "dp-accountant",
-        "dp-planned-rounds",
-    }
+    {"dataset", "state-dir", "data", "site", "device", "split-seed", "name"}
+    | {config_key(f) for f in fields(DPSettings)}
+    | set(DEPRECATED_DP_KEYS)
 )
 
 

@@ -79,7 +79,7 @@ def _train_config(plan: LocalPlan, data: LocalData) -> TrainConfig:
         batch_size=plan.batch_size,
         learning_rate=plan.learning_rate,
         weight_decay=plan.weight_decay,
-        max_grad_norm=plan.max_grad_norm,
+        clip_grad_norm=plan.clip_grad_norm,
         max_events=plan.max_events,
         device=data.settings.device,
         seed=plan.seed,
@@ -133,7 +133,7 @@ def train_locally(
     else:
         loader = make_loader(dataset, config.batch_size, True, seed)
         losses = [
-            train_epoch(model, loader, optimizer, device, pos_weight, config.max_grad_norm, proximal)
+            train_epoch(model, loader, optimizer, device, pos_weight, config.clip_grad_norm, proximal)
             for _ in range(config.epochs)
         ]
         train_loss, privacy = float(np.mean(losses)), None

@@ -18,6 +18,8 @@ import numpy as np
 
 from hymate.data.normalization import Normalizer
 from hymate.model import ModelOptions
+from hymate.settings_fields import default_of, setting
+from hymate.train import TrainConfig
 
 
 class PlanError(ValueError):
@@ -30,15 +32,19 @@ class LocalPlan:
 
     model: ModelOptions
     normalizer: Normalizer
-    local_epochs: int = 1
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.05
-    max_grad_norm: float = 1.0
-    max_events: int = 880
-    seed: int = 0
+    local_epochs: int = setting(1, help="epochs each site trains per round")
+    # The optimisation settings take TrainConfig's defaults: each is declared there once.
+    batch_size: int = setting(default_of(TrainConfig, "batch_size"))
+    learning_rate: float = setting(default_of(TrainConfig, "learning_rate"), help="AdamW learning rate")
+    weight_decay: float = setting(default_of(TrainConfig, "weight_decay"))
+    clip_grad_norm: float = setting(
+        default_of(TrainConfig, "clip_grad_norm"),
+        help="the optimiser's gradient-norm clip (a DP site clips per sample by its own --dp-max-grad-norm)",
+    )
+    max_events: int = setting(default_of(TrainConfig, "max_events"), help="events kept per stay")
+    seed: int = setting(default_of(TrainConfig, "seed"))
     planned_rounds: int = 1  # how long the federation is planned to last (DP sites calibrate noise to it)
-    local_norms: bool = False  # FedBN: each site keeps its own normalisation layers
+    local_norms: bool = setting(False, help="FedBN: every site keeps its own normalisation layers")
 
     def to_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {f"model.{f.name}": getattr(self.model, f.name) for f in fields(ModelOptions)}

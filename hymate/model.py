@@ -31,6 +31,7 @@ from torch import nn
 
 from hymate.data.batches import Batch
 from hymate.data.stays import StayTable
+from hymate.settings_fields import setting
 from hymate.ssm import ScanGradSink, causal_conv1d, selective_scan
 
 
@@ -62,13 +63,13 @@ class HyMaTEConfig:
 class ModelOptions:
     """The HyMaTE knobs a user sets; the data supplies the vocabulary sizes."""
 
-    d_model: int = 64
-    n_mamba_layers: int = 2
-    d_state: int = 16
-    n_attention_layers: int = 1
-    n_heads: int = 4
-    dropout: float = 0.2
-    scan_backend: str = "auto"
+    d_model: int = setting(64, help="width of the model")
+    n_mamba_layers: int = setting(2, key="mamba-layers")
+    d_state: int = setting(16, help="state size of each selective SSM")
+    n_attention_layers: int = setting(1, key="attention-layers")
+    n_heads: int = setting(4, key="heads", help="attention heads")
+    dropout: float = setting(0.2)
+    scan_backend: str = setting("auto", choices=("auto", "cpu", "torch", "cuda"), help="selective-scan kernel")
 
     def for_table(self, table: StayTable) -> HyMaTEConfig:
         return self.for_schema(len(table.variables), len(table.static_names))

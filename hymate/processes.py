@@ -120,10 +120,49 @@ def start_child(
 
 
 def stop_child(process: subprocess.Popen, pid_file: Path, timeout: float = 10.0) -> None:
-    """Stop the child's whole process group (SIGTERM, then SIGKILL) and forget its pid file."""
+    """Stop the child's whole process group (SIGTERM, then SIGKILL) and forget its pid file.
+
+    Groups the child's own descendants started are stopped too: Flower's SuperLink starts
+    ``flwr-simulation`` (and with it Ray's GCS, dashboard and workers) in a session of its own,
+    which outlived an interrupted ``hymate-sim`` by a minute when only the SuperLink's group was ended.
+    """
+    below = _descendants(process.pid)  # read first: once their parent is gone, children belong to init
     _end_group(process.pid, timeout, own=process)
     process.wait()
+    for pgid in sorted({group for group, _ in below.values()} - {process.pid}):
+        still_ours = any(_started_at(pid) == start for pid, (group, start) in below.items() if group == pgid)
+        if still_ours and _group_alive(pgid):
+            _end_group(pgid, timeout)
     pid_file.unlink(missing_ok=True)
+
+
+def _process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, process group, start time) of every process (empty without /proc)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]), fields[19])
+        except (OSError, IndexError, ValueError):
+            continue
+    return table
+
+
+def _descendants(pid: int) -> dict[int, tuple[int, str]]:
+    """pid -> (process group, start time) of every process below ``pid``."""
+    table, below, frontier = _process_table(), {}, {pid}
+    while frontier:
+        frontier = {p for p, (ppid, _, _) in table.items() if ppid in frontier and p not in below}
+        below |= {p: table[p][1:] for p in frontier}
+    return below
+
+
+def _started_at(pid: int) -> str | None:
+    """A process's start time (None when it is gone): with the pid, it names one process."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def free_port() -> int:

@@ -22,6 +22,7 @@ from torch import nn
 from hymate.allocator import return_large_blocks_to_os, trim_heap
 from hymate.data.batches import Batch
 from hymate.metrics import auprc, auroc
+from hymate.settings_fields import setting
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +31,18 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """Optimisation settings of local training."""
 
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.05
-    max_grad_norm: float = 1.0
-    patience: int = 5
-    max_events: int = 880
+    epochs: int = setting(30, help="epochs of centralized and local training")
+    batch_size: int = setting(32)
+    learning_rate: float = setting(1e-3, help="AdamW learning rate")
+    weight_decay: float = setting(0.05)
+    # The optimiser's gradient-norm clip (not DP's per-sample clip, which is the site's dp-max-grad-norm).
+    clip_grad_norm: float = setting(1.0, help="clip the gradient's norm to this before each step")
+    patience: int = setting(5, help="epochs without improvement before early stopping")
+    max_events: int = setting(880, help="events kept per stay (the most recent)")
     cosine_schedule: bool = True
     pos_weight: float | None = None  # None: from the training labels, see positive_class_weight
-    device: str = "auto"
-    seed: int = 0
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"))
+    seed: int = setting(0)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_events"):
@@ -198,7 +200,7 @@ def fit(
     best_state, best_epoch, history = None, 0, []
     for epoch in range(1, config.epochs + 1):
         train_loss = train_epoch(
-            model, train_batches, optimizer, device, pos_weight, config.max_grad_norm, scheduler=scheduler
+            model, train_batches, optimizer, device, pos_weight, config.clip_grad_norm, scheduler=scheduler
         )
         val = evaluate(model, val_batches, device, pos_weight)
         history.append(

@@ -1,7 +1,7 @@
 """``hymate-server``: the coordinator's command.
 
     hymate-server init-certs DIR --host H               CA and server certificate (sites make their own keys)
-    hymate-server --run-dir runs/fed --rounds 5 --strategy fedavg \\
+    hymate-server --run-dir runs/fed --rounds 5 --strategy fedavg --config federation.toml \\
         --ssl-ca-certfile ca.crt --ssl-certfile server.crt --ssl-keyfile server.key \\
         --site-keys DIR/sites                             run a federation (TLS + node auth)
     hymate-server ... --resume                          continue after a crash
@@ -21,50 +21,55 @@ from pathlib import Path
 
 import tomli_w
 
+from hymate.cli_options import parse_with_config_file
+from hymate.model import ModelOptions
 from hymate.processes import free_port
+from hymate.settings_fields import add_flags, flag_config
 from server.certs import create_federation_keys
 from server.events import EVENTS_FILE, ConsoleProgress
 from server.run_dir import RunDirectory, RunDirError
 from server.settings import ServerSettings, SettingsError
 from server.superlink import SuperLink, SuperLinkError, TLSFiles
-from strategies.registry import StrategyError, StrategySpec, build_strategy
+from strategies.registry import StrategyError, build_strategy
 
 log = logging.getLogger("hymate-server")
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
-def build_run_parser() -> argparse.ArgumentParser:
-    d = ServerSettings()
+# The ServerSettings fields hymate-server has flags for (the rest: --strategy-option, --run-dir, --site-keys).
+RUN_FLAGS = (
+    "strategy_name",
+    "rounds",
+    "min_clients",
+    "min_connected",
+    "resume",
+    "round_timeout",
+    "wait_for_clients",
+    "local_epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "clip_grad_norm",
+    "max_events",
+    "seed",
+    "local_norms",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hymate-server",
         description="Coordinate a HyMaTE federation (subcommand init-certs creates the CA and server certificate).",
     )
-    p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, logs, final model and model card")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir after its last complete round")
-    p.add_argument("--strategy", default=d.strategy.name, help="registered name or module:Class (default fedavg)")
-    p.add_argument(
+    p.add_argument("--config", type=Path, help="TOML file with any of these options (flags win)")
+    p.add_argument("--run-dir", type=Path, help="checkpoints, logs, final model and model card (required)")
+    federation = p.add_argument_group("federation and local training")
+    add_flags(federation, ServerSettings, RUN_FLAGS)
+    federation.add_argument(
         "--strategy-option", action="append", default=[], metavar="KEY=VALUE", help="strategy option (repeatable)"
     )
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--min-clients", type=int, default=d.min_clients, help="sites that must reply in every round")
-    p.add_argument(
-        "--min-connected",
-        type=int,
-        default=d.min_connected,
-        help="sites to wait for before the normalisation query and each round (default: every site in "
-        "--site-keys before the query, --min-clients before a round)",
-    )
-    p.add_argument("--round-timeout", type=float, default=d.round_timeout, help="seconds to wait for replies per round")
-    p.add_argument(
-        "--wait-for-clients", type=float, default=d.wait_for_clients, help="seconds to wait for enough sites"
-    )
-    p.add_argument("--local-epochs", type=int, default=d.local_epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    p.add_argument("--d-model", type=int, default=d.model.d_model)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--local-norms", action="store_true", help="FedBN: every site keeps its own normalisation layers")
+    add_flags(p.add_argument_group("model"), ModelOptions)
     net = p.add_argument_group("network and security")
     net.add_argument(
         "--address",
@@ -85,12 +90,15 @@ def build_run_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=24 * 3600.0, help="give up on the whole run after this many seconds"
     )
     p.add_argument("-v", "--verbose", action="store_true")
+    commands = p.add_subparsers(dest="command", metavar="init-certs")
+    add_certs_parser(commands)
     return p
 
 
-def build_certs_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="hymate-server init-certs",
+def add_certs_parser(commands) -> None:
+    p = commands.add_parser(
+        "init-certs",
+        help="create the CA and the coordinator's TLS certificate",
         description="Create a CA and the coordinator's TLS certificate. Each hospital creates its own key pair "
         "with `hymate-client init-key` and sends only the .pub file.",
     )
@@ -111,28 +119,15 @@ def build_certs_parser() -> argparse.ArgumentParser:
         help="PILOT ONLY: also write key pairs for site-1 .. site-N into DIR/sites; the coordinator then holds "
         "the sites' private keys, so never use them with patient data",
     )
-    return p
 
 
 def run_config(args: argparse.Namespace) -> dict:
-    """The [tool.flwr.app.config] overrides for this run."""
-    return {
-        "strategy": args.strategy,
-        "strategy-options": " ".join(args.strategy_option),
-        "num-server-rounds": args.rounds,
-        "min-clients": args.min_clients,
-        "min-connected": args.min_connected,
-        "local-norms": args.local_norms,
-        "run-dir": str(args.run_dir.resolve()),
-        "resume": args.resume,
-        "round-timeout": args.round_timeout,
-        "wait-for-clients": args.wait_for_clients,
-        "local-epochs": args.local_epochs,
-        "batch-size": args.batch_size,
-        "learning-rate": args.learning_rate,
-        "d-model": args.d_model,
-        "seed": args.seed,
-    }
+    """The [tool.flwr.app.config] overrides for this run, keyed as ServerSettings derives them."""
+    return (
+        flag_config(ServerSettings, args, RUN_FLAGS)
+        | flag_config(ModelOptions, args)
+        | {"strategy-options": " ".join(args.strategy_option), "run-dir": str(args.run_dir.resolve())}
+    )
 
 
 def site_public_keys(paths: list[Path]) -> dict[str, Path]:
@@ -179,13 +174,15 @@ def tls_files(args: argparse.Namespace) -> TLSFiles | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.run_dir is None:
+        raise SettingsError("--run-dir is required")
     tls = tls_files(args)
     keys = site_public_keys(args.site_keys) if tls else {}
     if tls and not keys:
         raise SettingsError("site authentication is on: pass --site-keys with the sites' public keys")
     config = run_config(args) | {"registered-sites": " ".join(sorted(keys))}
     settings = ServerSettings.from_run_config(config)  # validates every value before anything starts
-    build_strategy(StrategySpec.parse(args.strategy, args.strategy_option), settings.min_clients)
+    build_strategy(settings.strategy, settings.min_clients)
     RunDirectory(args.run_dir).prepare(resume=args.resume)
     host, _, port = args.address.rpartition(":")
     superlink = SuperLink(args.run_dir / "superlink", host or "127.0.0.1", int(port or free_port()), tls)
@@ -218,8 +215,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def init_certs(argv: list[str]) -> int:
-    args = build_certs_parser().parse_args(argv)
+def init_certs(args: argparse.Namespace) -> int:
     if args.pilot_site_keys < 0:
         raise SettingsError(f"--pilot-site-keys {args.pilot_site_keys}: must be 0 or more")
     sites = [f"site-{i}" for i in range(1, args.pilot_site_keys + 1)]
@@ -234,14 +230,18 @@ def init_certs(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["init-certs"]:
+    parser = build_parser()
+    try:
+        args = parse_with_config_file(parser, argv, SettingsError)
+    except SettingsError as e:
+        print(f"hymate-server: error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "init-certs":
         try:
-            return init_certs(argv[1:])
+            return init_certs(args)
         except (SettingsError, ValueError, OSError) as e:
             print(f"hymate-server init-certs: error: {e}", file=sys.stderr)
             return 2
-    args = build_run_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )

@@ -1,63 +1,91 @@
 """The coordinator's settings: one typed object built from Flower's run config.
 
-Every key is declared once, with its default, in ``[tool.flwr.app.config]`` of
-pyproject.toml; ``hymate-server`` flags and ``flwr run --run-config`` override them. The
-same object is built in-process by the simulator.
+Every key is declared once, with its default, as a field here (the model's in ``ModelOptions``,
+the optimisation defaults in ``TrainConfig``); the run-config keys and ``hymate-server``'s flags
+are derived from the fields. Flower also needs them in ``[tool.flwr.app.config]`` of
+pyproject.toml, and a test holds that table to these fields. The same object is built
+in-process by the simulator.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from hymate.local_plan import LocalPlan
 from hymate.model import ModelOptions
+from hymate.settings_fields import RunConfigError, config_key, default_of, from_run_config, setting
 from strategies.registry import StrategySpec
 
+SettingsError = RunConfigError  # a run-config key has a wrong type or value; names the key
 
-class SettingsError(ValueError):
-    """A run-config key has a wrong type or value; names the key."""
+
+def _plan_default(name: str) -> Any:
+    return default_of(LocalPlan, name)
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    strategy: StrategySpec = field(default_factory=StrategySpec)
-    rounds: int = 3
-    min_clients: int = 2
+    """Every run-config key is a field here (``hymate.settings_fields`` derives keys and flags)."""
+
+    strategy_name: str = setting("fedavg", key="strategy", help="registered name or module:Class")
+    strategy_options: str = setting("", key="strategy-options")  # space-separated KEY=VALUE
+    rounds: int = setting(3, key="num-server-rounds", flag="--rounds", help="federated rounds")
+    min_clients: int = setting(2, help="sites that must reply in every round")
     #: Sites that must be connected before the normalisation query and each round start.
     #: 0 (the default): the query waits for every registered site when the coordinator
     #: registered site keys (``registered_sites``), else for min_clients; rounds wait for
     #: min_clients. Above min_clients, a round waits for sites that are expected back (after
     #: a coordinator restart, say) while still closing with min_clients replies.
-    min_connected: int = 0
+    min_connected: int = setting(
+        0,
+        help="sites to wait for before the normalisation query and each round (0: every site in "
+        "--site-keys before the query, --min-clients before a round)",
+    )
     #: The names the coordinator registered site keys under (hymate-server fills it in from
     #: ``--site-keys``); empty in simulation and --insecure runs.
     registered_sites: tuple[str, ...] = ()
-    run_dir: Path = Path("runs/federation")
-    resume: bool = False
-    round_timeout: float = 600.0
-    wait_for_clients: float = 300.0
-    model: ModelOptions = field(default_factory=ModelOptions)
-    local_epochs: int = 1
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.05
-    max_grad_norm: float = 1.0
-    max_events: int = 880
-    seed: int = 0
-    local_norms: bool = False  # FedBN: sites keep their normalisation layers
+    run_dir: Path = setting(Path("runs/federation"), help="checkpoints, logs, final model and model card")
+    resume: bool = setting(False, help="continue the run in --run-dir after its last complete round")
+    round_timeout: float = setting(600.0, help="seconds to wait for replies per round")
+    wait_for_clients: float = setting(300.0, help="seconds to wait for enough sites")
+    model: ModelOptions = setting(default_factory=ModelOptions, group=True)
+    local_epochs: int = setting(_plan_default("local_epochs"))
+    batch_size: int = setting(_plan_default("batch_size"))
+    learning_rate: float = setting(_plan_default("learning_rate"), help="AdamW learning rate")
+    weight_decay: float = setting(_plan_default("weight_decay"))
+    clip_grad_norm: float = setting(
+        _plan_default("clip_grad_norm"), help="the optimiser's gradient-norm clip (not DP's per-sample clip)"
+    )
+    max_events: int = setting(_plan_default("max_events"), help="events kept per stay")
+    seed: int = setting(_plan_default("seed"))
+    local_norms: bool = setting(
+        _plan_default("local_norms"), help="FedBN: every site keeps its own normalisation layers"
+    )
+    #: Set by hymate-sim: the partitions its virtual sites hold (empty for real deployments).
+    simulation_manifest: str = ""
 
     def __post_init__(self) -> None:
         for name in ("rounds", "min_clients", "local_epochs", "batch_size", "max_events"):
             if getattr(self, name) < 1:
-                raise SettingsError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise SettingsError(f"{config_key_of(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("round_timeout", "wait_for_clients", "learning_rate"):
             if getattr(self, name) <= 0:
-                raise SettingsError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise SettingsError(f"{config_key_of(name)} must be positive, got {getattr(self, name)}")
         if self.min_connected < 0:
             raise SettingsError(f"min-connected must not be negative, got {self.min_connected}")
+        self.strategy  # noqa: B018  (a malformed strategy option fails here, naming itself)
+
+    @property
+    def strategy(self) -> StrategySpec:
+        return StrategySpec.parse(self.strategy_name, self.strategy_options)
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The optimiser's clip under its old name; server/model_card.py reads it (to move to clip_grad_norm)."""
+        return self.clip_grad_norm
 
     @property
     def sites_to_wait_for(self) -> int:
@@ -70,61 +98,15 @@ class ServerSettings:
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> ServerSettings:
-        defaults = cls()
-
-        def get(key: str, default: Any) -> Any:
-            value = config.get(key, default)
-            kind = type(default)
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if isinstance(default, Path):
-                return Path(str(value))
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise SettingsError(f"run config {key!r}={value!r} must be {kind.__name__}")
-            return value
-
-        model = ModelOptions(
-            d_model=get("d-model", defaults.model.d_model),
-            n_mamba_layers=get("mamba-layers", defaults.model.n_mamba_layers),
-            d_state=get("d-state", defaults.model.d_state),
-            n_attention_layers=get("attention-layers", defaults.model.n_attention_layers),
-            n_heads=get("heads", defaults.model.n_heads),
-            dropout=get("dropout", defaults.model.dropout),
-            scan_backend=get("scan-backend", defaults.model.scan_backend),
-        )
-        return cls(
-            strategy=StrategySpec.parse(get("strategy", "fedavg"), get("strategy-options", "")),
-            rounds=get("num-server-rounds", defaults.rounds),
-            min_clients=get("min-clients", defaults.min_clients),
-            min_connected=get("min-connected", defaults.min_connected),
-            registered_sites=tuple(get("registered-sites", "").split()),
-            run_dir=get("run-dir", defaults.run_dir),
-            resume=get("resume", defaults.resume),
-            round_timeout=get("round-timeout", defaults.round_timeout),
-            wait_for_clients=get("wait-for-clients", defaults.wait_for_clients),
-            model=model,
-            local_epochs=get("local-epochs", defaults.local_epochs),
-            batch_size=get("batch-size", defaults.batch_size),
-            learning_rate=get("learning-rate", defaults.learning_rate),
-            weight_decay=get("weight-decay", defaults.weight_decay),
-            max_grad_norm=get("max-grad-norm", defaults.max_grad_norm),
-            max_events=get("max-events", defaults.max_events),
-            seed=get("seed", defaults.seed),
-            local_norms=get("local-norms", defaults.local_norms),
-        )
+        return from_run_config(cls, config)
 
     def plan(self, normalizer) -> LocalPlan:
-        """What every site is asked to do each round."""
-        return LocalPlan(
-            model=self.model,
-            normalizer=normalizer,
-            local_epochs=self.local_epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            max_grad_norm=self.max_grad_norm,
-            max_events=self.max_events,
-            seed=self.seed,
-            planned_rounds=self.rounds,
-            local_norms=self.local_norms,
-        )
+        """What every site is asked to do each round: the fields LocalPlan shares with these settings."""
+        mine = {f.name for f in fields(self)}
+        shared = {f.name: getattr(self, f.name) for f in fields(LocalPlan) if f.name in mine}
+        return LocalPlan(normalizer=normalizer, planned_rounds=self.rounds, **shared)
+
+
+def config_key_of(name: str) -> str:
+    """The run-config key of a ServerSettings field (error messages name the key a user writes)."""
+    return config_key({f.name: f for f in fields(ServerSettings)}[name])

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from client.site import DPSettings, add_dp_flags, dp_settings_from
+from hymate.cli_options import add_deprecated_alias, parse_with_config_file
 from hymate.data import DEFAULT_CACHE_DIR, DataError
 from hymate.model import ModelOptions
-from hymate.privacy import DPConfig
+from hymate.settings_fields import add_flags, flag_values
 from hymate.train import TrainConfig
 from simulation.engine import EngineSettings, SimulationError
 from simulation.partitioners import PartitionError, PartitionScheme
@@ -30,7 +32,6 @@ from strategies.registry import StrategyError, StrategySpec, build_strategy
 
 
 def build_parser() -> argparse.ArgumentParser:
-    t, m = TrainConfig(), ModelOptions()
     p = argparse.ArgumentParser(
         prog="hymate-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -68,23 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--split-seed", type=int, default=0, help="seed of the partition and the per-site splits")
     run.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 95 %% intervals")
     run.add_argument("--min-sites", type=int, help="sites that must reply in each federated round (default: all)")
-    dp = p.add_argument_group("differential privacy at every virtual site")
-    dp.add_argument("--dp-epsilon", type=float, help="each site's privacy budget; enables DP-SGD")
-    dp.add_argument("--dp-delta", type=float, default=1e-5)
-    dp.add_argument("--dp-max-grad-norm", type=float, default=1.0)
-    dp.add_argument("--dp-accountant", choices=("rdp", "prv"), default="rdp")
-    model = p.add_argument_group("model and local training")
-    model.add_argument("--d-model", type=int, default=m.d_model)
-    model.add_argument("--mamba-layers", type=int, default=m.n_mamba_layers)
-    model.add_argument("--attention-layers", type=int, default=m.n_attention_layers)
-    model.add_argument("--dropout", type=float, default=m.dropout)
-    model.add_argument("--scan-backend", choices=("auto", "cpu", "torch", "cuda"), default=m.scan_backend)
-    model.add_argument("--epochs", type=int, default=t.epochs, help="epochs of centralized and local training")
-    model.add_argument("--patience", type=int, default=t.patience)
-    model.add_argument("--batch-size", type=int, default=t.batch_size)
-    model.add_argument("--lr", type=float, default=t.learning_rate)
-    model.add_argument("--max-events", type=int, default=t.max_events)
-    model.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_dp_flags(p.add_argument_group("differential privacy at every virtual site"))
+    add_flags(p.add_argument_group("model"), ModelOptions)
+    add_flags(p.add_argument_group("local training"), TrainConfig, TRAIN_FLAGS)
+    add_deprecated_alias(p, "--lr", "--learning-rate")
     engine = p.add_argument_group("simulation engine")
     engine.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), help="existing Ray cluster HOST:PORT")
     engine.add_argument("--cpus-per-client", type=int, default=1)
@@ -92,8 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, help="output folder for report, results and plots (default: a new runs/sim/YYYYmmdd-HHMMSS)"
     )
+    p.add_argument("--config", type=Path, help="TOML file with any of these options (flags win)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+# The TrainConfig fields hymate-sim has flags for (the seeds come from --seeds).
+TRAIN_FLAGS = (
+    "epochs",
+    "patience",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "clip_grad_norm",
+    "max_events",
+    "device",
+)
 
 
 def output_folder(requested: Path | None) -> Path:
@@ -128,21 +130,8 @@ def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
         seeds=tuple(args.seeds),
         split_seed=args.split_seed,
         bootstrap=args.bootstrap,
-        model=ModelOptions(
-            d_model=args.d_model,
-            n_mamba_layers=args.mamba_layers,
-            n_attention_layers=args.attention_layers,
-            dropout=args.dropout,
-            scan_backend=args.scan_backend,
-        ),
-        train=TrainConfig(
-            epochs=args.epochs,
-            patience=args.patience,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            max_events=args.max_events,
-            device=args.device,
-        ),
+        model=ModelOptions(**flag_values(ModelOptions, args)),
+        train=TrainConfig(**flag_values(TrainConfig, args, TRAIN_FLAGS)),
         engine=EngineSettings(cpus_per_client=args.cpus_per_client, ray_address=args.ray_address, timeout=args.timeout),
         privacy=privacy_settings(args),
         min_sites=args.min_sites,
@@ -165,23 +154,17 @@ def dataset_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def privacy_settings(args: argparse.Namespace) -> dict:
-    if args.dp_epsilon is None:
-        return {}
-    settings = {
-        "epsilon": args.dp_epsilon,
-        "delta": args.dp_delta,
-        "max_grad_norm": args.dp_max_grad_norm,
-        "dp_accountant": args.dp_accountant,
-    }
-    DPConfig(
-        settings["epsilon"], settings["delta"], settings["max_grad_norm"], settings["dp_accountant"]
-    )  # validate now
-    return settings
+def privacy_settings(args: argparse.Namespace) -> DPSettings | None:
+    """Every virtual site's DP settings (checked now, before any training), or None without --dp-epsilon."""
+    return dp_settings_from(vars(args))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_with_config_file(build_parser(), argv)
+    except ValueError as e:
+        print(f"hymate-sim: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )
@@ -193,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, PartitionError, StrategyError, SimulationError, ValueError, FileNotFoundError) as e:
         print(f"hymate-sim: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The engine's SuperLink (and the Ray workers under it) were stopped on the way out.
+        print(
+            "hymate-sim: interrupted; the simulation was stopped (its partial output stays in place)", file=sys.stderr
+        )
+        return 130
     results = results_frame(result.rows)
     setup = {
         "dataset": f"{spec.dataset} ({len(experiment.table)} stays, {len(experiment.table.variables)} variables)",
@@ -202,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds x local epochs": f"{spec.rounds} x {spec.local_epochs}",
         "seeds": ", ".join(map(str, spec.seeds)),
         "differential privacy": (
-            f"epsilon {spec.privacy['epsilon']:g}, delta {spec.privacy['delta']:g} per site" if spec.privacy else "off"
+            f"epsilon {spec.privacy.epsilon:g}, delta {spec.privacy.delta:g} per site" if spec.privacy else "off"
         ),
         "wall time": f"{time.perf_counter() - start:.0f} s",
     }

@@ -72,7 +72,7 @@ def simulate_federation(
     ``dataset_options``: the ``load_dataset`` keywords each virtual site loads the dataset with
     (source options, and ``cache_dir``: the parsed-data cache, None for none).
 
-    ``privacy``: DP settings every virtual site trains with (``SiteSettings`` fields such as
+    ``privacy``: DP settings every virtual site trains with (``DPSettings`` fields such as
     ``epsilon``); ``min_sites``: sites that must reply each round (default: all of them).
     """
     runs = RunDirectory(Path(run_dir).resolve())

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from client.local_norms import load_local_norms
+from client.site import DPSettings
 from hymate.centralized import train_centralized
 from hymate.data import DEFAULT_CACHE_DIR, DataError, concat_tables, load_dataset, split_stays
 from hymate.data.batches import StayDataset, make_loader
@@ -64,7 +65,7 @@ class SimulationSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineSettings = field(default_factory=EngineSettings)
     bootstrap: int = 200
-    privacy: dict = field(default_factory=dict)  # DP settings of every virtual site (SiteSettings fields)
+    privacy: DPSettings | None = None  # DP settings of every virtual site (None: no DP)
     min_sites: int | None = None  # sites that must reply in a federated round (default: all)
     # Each site's split is stratified by label, so its val and test splits hold both classes
     # whenever it has three patients of each. One with fewer (a natural unit with two deaths, a
@@ -263,7 +264,7 @@ class Experiment:
             "batch-size": spec.train.batch_size,
             "learning-rate": spec.train.learning_rate,
             "weight-decay": spec.train.weight_decay,
-            "max-grad-norm": spec.train.max_grad_norm,
+            "clip-grad-norm": spec.train.clip_grad_norm,
             "max-events": spec.train.max_events,
             "seed": seed,
             "d-model": spec.model.d_model,
@@ -286,7 +287,7 @@ class Experiment:
                 run_dir,
                 spec.engine,
                 split_seed=spec.split_seed,
-                privacy=spec.privacy,
+                privacy=dataclasses.asdict(spec.privacy) if spec.privacy else None,
                 min_sites=spec.min_sites,
                 on_progress=_progress(bar),
             )

@@ -101,8 +101,8 @@ def test_crash_resume_lost_hospital_and_privacy_budgets(deployment):
     server = d.start_server("--rounds", "2", "--min-clients", "1", "--min-connected", "3")
     wait_until(lambda: "registered site hospital-3" in d.log("server.log"), 90, "the SuperLink to register the sites")
     clients = {
-        1: d.start_client(1, "--epsilon", "50"),
-        2: d.start_client(2, "--epsilon", "2", "--dp-planned-rounds", "1"),
+        1: d.start_client(1, "--dp-epsilon", "50"),
+        2: d.start_client(2, "--dp-epsilon", "2", "--dp-planned-rounds", "1"),
         3: d.start_client(3),
     }
     wait_until(lambda: 1 in d.rounds_done(), 200, "round 1")
@@ -110,7 +110,7 @@ def test_crash_resume_lost_hospital_and_privacy_budgets(deployment):
     kill_group(server)  # the coordinator crashes (SIGKILL) after round 1 ...
     kill_group(clients[3])  # ... hospital 3 goes away for good ...
     kill_group(clients[1], signal.SIGTERM)  # ... and hospital 1 restarts
-    d.start_client(1, "--epsilon", "50")
+    d.start_client(1, "--dp-epsilon", "50")
     restarted_at = time.time()
     # Hospital 2's SuperNode gives up on the dead coordinator and is restarted by hymate-client;
     # the resumed round waits for it (two sites connected) but closes with one reply.

@@ -1,0 +1,162 @@
+"""One vocabulary across hymate-server, hymate-client and hymate-sim; old spellings warn once."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from dataclasses import fields
+
+import pytest
+
+from client import cli as client_cli
+from client.site import DPSettings, SiteSettings
+from hymate.cli_options import parse_with_config_file
+from hymate.model import ModelOptions
+from hymate.settings_fields import flag_of
+from server import cli as server_cli
+from simulation import cli as sim_cli
+
+OLD_SPELLINGS = {"--lr", "--epsilon", "--delta", "--max-grad-norm"}
+TRAINING = {"--learning-rate", "--batch-size", "--weight-decay", "--clip-grad-norm", "--max-events"}
+
+
+def listed_flags(parser: argparse.ArgumentParser) -> set[str]:
+    """The long flags --help lists (deprecated aliases are hidden)."""
+    shown = {flag for a in parser._actions if a.help != argparse.SUPPRESS for flag in a.option_strings}
+    text = parser.format_help()
+    assert all(flag in text for flag in shown)
+    return {f for f in shown if f.startswith("--")}
+
+
+def test_the_three_commands_list_the_same_names_for_shared_settings():
+    server, sim, client = (listed_flags(m.build_parser()) for m in (server_cli, sim_cli, client_cli))
+    model = {flag_of(f) for f in fields(ModelOptions)}
+    dp = {flag_of(f) for f in fields(DPSettings)}
+    assert model == {
+        "--d-model",
+        "--mamba-layers",
+        "--d-state",
+        "--attention-layers",
+        "--heads",
+        "--dropout",
+        "--scan-backend",
+    }
+    assert dp == {"--dp-epsilon", "--dp-delta", "--dp-max-grad-norm", "--dp-accountant", "--dp-planned-rounds"}
+    assert model | TRAINING | {"--rounds", "--local-epochs", "--strategy", "--strategy-option"} <= server & sim
+    assert dp <= client & sim and not dp & server  # DP is the site's, never the coordinator's, to set
+    assert "--config" in server & sim & client
+    assert not OLD_SPELLINGS & (server | sim | client)
+
+
+def test_server_and_sim_take_the_same_model_options():
+    argv = ["--heads", "2", "--d-state", "8", "--mamba-layers", "3", "--scan-backend", "torch"]
+    sim = sim_cli.build_parser().parse_args(argv)
+    server = server_cli.build_parser().parse_args(["--run-dir", "r", *argv])
+    expected = ModelOptions(n_heads=2, d_state=8, n_mamba_layers=3, scan_backend="torch")
+    assert sim_cli.spec_from_args(sim).model == expected
+    config = server_cli.run_config(server)
+    assert (config["heads"], config["d-state"], config["mamba-layers"], config["scan-backend"]) == (2, 8, 3, "torch")
+
+
+def test_lr_still_works_on_hymate_sim_and_warns_once(capsys):
+    args = sim_cli.build_parser().parse_args(["--lr", "0.01", "--lr", "0.02"])
+    assert args.learning_rate == 0.02
+    assert capsys.readouterr().err.count("hymate-sim: warning: --lr is deprecated; use --learning-rate") == 1
+    assert sim_cli.build_parser().parse_args([]).learning_rate == 1e-3
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "old, new, value",
+    [("--epsilon", "dp_epsilon", 3.0), ("--delta", "dp_delta", 1e-6), ("--max-grad-norm", "dp_max_grad_norm", 2.0)],
+)
+def test_the_sites_old_dp_flags_still_work_and_warn(capsys, old, new, value):
+    options = client_cli.merged_options(client_cli.build_parser().parse_args([old, str(value)]))
+    assert options[new] == value
+    assert f"hymate-client: warning: {old} is deprecated; use --dp-{old.removeprefix('--')}" in capsys.readouterr().err
+
+
+def test_an_old_key_in_a_config_file_works_and_warns(tmp_path, capsys):
+    path = tmp_path / "site.toml"
+    path.write_text("epsilon = 4\n")
+    options = client_cli.merged_options(client_cli.build_parser().parse_args(["--config", str(path)]))
+    assert options["dp_epsilon"] == 4.0
+    assert "epsilon (in --config" in capsys.readouterr().err
+    sim = tmp_path / "sim.toml"
+    sim.write_text("lr = 0.5\nrounds = 7\n")
+    args = parse_with_config_file(sim_cli.build_parser(), ["--config", str(sim), "--rounds", "9"])
+    assert (args.learning_rate, args.rounds) == (0.5, 9)  # the flag wins over the file
+    assert "lr (in --config" in capsys.readouterr().err
+
+
+def test_an_old_node_config_key_is_read_with_a_deprecation_line(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    settings = SiteSettings.from_node_config(
+        {"dataset": "synthetic", "state-dir": str(tmp_path), "epsilon": "8", "max-grad-norm": "2"}
+    )
+    assert settings.dp == DPSettings(epsilon=8.0, max_grad_norm=2.0)
+    assert "node config key 'epsilon' is deprecated; use 'dp-epsilon'" in caplog.text
+    with pytest.raises(ValueError, match="both 'epsilon' and 'dp-epsilon'"):
+        SiteSettings.from_node_config(
+            {"dataset": "synthetic", "state-dir": str(tmp_path), "epsilon": "8", "dp-epsilon": "8"}
+        )
+
+
+def test_the_site_config_sends_the_new_node_config_keys(tmp_path):
+    options = client_cli.merged_options(
+        client_cli.build_parser().parse_args(
+            ["--dataset", "synthetic", "--state-dir", str(tmp_path), "--dp-epsilon", "8"]
+        )
+    )
+    config = client_cli.site_config(options)
+    assert config["dp-epsilon"] == "8.0" and "epsilon" not in config
+    assert SiteSettings.from_node_config(config).dp == DPSettings(epsilon=8.0)
+
+
+def test_hymate_server_takes_a_config_file_and_its_flags_win(tmp_path):
+    path = tmp_path / "federation.toml"
+    path.write_text(f'run-dir = "{tmp_path / "run"}"\nrounds = 7\nlearning-rate = 0.01\nheads = 2\n')
+    args = parse_with_config_file(server_cli.build_parser(), ["--config", str(path), "--rounds", "9"])
+    config = server_cli.run_config(args)
+    assert (config["num-server-rounds"], config["learning-rate"], config["heads"]) == (9, 0.01, 2)
+    assert config["run-dir"] == str(tmp_path / "run")
+    path.write_text("roundz = 7\n")
+    assert server_cli.main(["--config", str(path)]) == 2
+
+
+def test_init_certs_and_init_key_are_subcommands(capsys):
+    for cli, command in ((server_cli, "init-certs"), (client_cli, "init-key")):
+        parser = cli.build_parser()
+        assert command in parser.format_help()
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([command, "--help"])
+        assert e.value.code == 0
+        assert f"usage: {parser.prog} {command}" in capsys.readouterr().out
+
+
+def test_hymate_server_without_run_dir_says_so(capsys):
+    assert server_cli.main(["--insecure"]) == 2
+    assert "--run-dir is required" in capsys.readouterr().err
+
+
+def test_the_sims_dp_flags_reach_every_virtual_site_as_dp_settings(tmp_path):
+    from client.partition import Partition, SimulationManifest, open_partition
+    from hymate.data import load_dataset
+
+    spec = sim_cli.spec_from_args(
+        sim_cli.build_parser().parse_args(["--dp-epsilon", "8", "--dp-accountant", "prv", "--out", str(tmp_path / "o")])
+    )
+    assert spec.privacy == DPSettings(epsilon=8.0, accountant="prv")
+    assert sim_cli.spec_from_args(sim_cli.build_parser().parse_args(["--out", str(tmp_path / "p")])).privacy is None
+    stays = [str(s) for s in load_dataset("synthetic", None, n_sites=2, stays_per_site=60).stay_ids[:60]]
+    manifest = tmp_path / "manifest.json"
+    SimulationManifest(
+        dataset="synthetic",
+        data=None,
+        state_root=str(tmp_path / "sites"),
+        partitions=[Partition("site-a", stays)],
+        dataset_options={"n_sites": 2, "stays_per_site": 60},
+        privacy=dataclasses.asdict(spec.privacy),
+    ).save(manifest)
+    assert open_partition(str(manifest), 0).settings.dp == spec.privacy
