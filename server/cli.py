@@ -26,7 +26,7 @@ from hymate.model import ModelOptions
 from hymate.processes import free_port
 from hymate.settings_fields import add_flags, flag_config
 from server.certs import create_federation_keys
-from server.events import EVENTS_FILE, ConsoleProgress
+from server.events import ConsoleProgress
 from server.run_dir import RunDirectory, RunDirError
 from server.settings import ServerSettings, SettingsError
 from server.superlink import SuperLink, SuperLinkError, TLSFiles
@@ -183,20 +183,21 @@ def run(args: argparse.Namespace) -> int:
     config = run_config(args) | {"registered-sites": " ".join(sorted(keys))}
     settings = ServerSettings.from_run_config(config)  # validates every value before anything starts
     build_strategy(settings.strategy, settings.min_clients)
-    RunDirectory(args.run_dir).prepare(resume=args.resume)
+    run_dir = RunDirectory(args.run_dir)
+    run_dir.prepare(resume=args.resume)
     host, _, port = args.address.rpartition(":")
-    superlink = SuperLink(args.run_dir / "superlink", host or "127.0.0.1", int(port or free_port()), tls)
-    config_file = args.run_dir / "superlink" / "run_config.toml"
+    superlink = SuperLink(run_dir.superlink_dir, host or "127.0.0.1", int(port or free_port()), tls)
+    config_file = run_dir.superlink_run_config_file
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(tomli_w.dumps(config))
-    progress = ConsoleProgress(args.run_dir / EVENTS_FILE)
+    progress = ConsoleProgress(run_dir.events_file)
     try:
         superlink.start()
         for name, key in keys.items():
             superlink.register(key, name)
         run_id = superlink.run_app(PROJECT_DIR, config_file)
         log.info("run %s started: %d rounds of %s; logs in %s", run_id, args.rounds, args.strategy, args.run_dir)
-        card = args.run_dir / "model_card.json"
+        card = run_dir.model_card_file
         card_before = card.stat().st_mtime if card.exists() else 0.0
         status = superlink.wait_for_run(
             run_id,

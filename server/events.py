@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from hymate.files import to_jsonable
-from server.run_dir import EVENTS_FILE as EVENTS_FILE  # the name is server.run_dir's; hymate-server imports it here
 
 
 class EventLog:

@@ -167,7 +167,7 @@ def model_card(
             "batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate,
             "weight_decay": settings.weight_decay,
-            "max_grad_norm": settings.max_grad_norm,
+            "clip_grad_norm": settings.clip_grad_norm,
             "max_events": settings.max_events,
             "seed": settings.seed,
             "local_norms": settings.local_norms,

@@ -83,11 +83,6 @@ class ServerSettings:
         return StrategySpec.parse(self.strategy_name, self.strategy_options)
 
     @property
-    def max_grad_norm(self) -> float:
-        """The optimiser's clip under its old name; server/model_card.py reads it (to move to clip_grad_norm)."""
-        return self.clip_grad_norm
-
-    @property
     def sites_to_wait_for(self) -> int:
         return max(self.min_clients, self.min_connected)
 

@@ -23,10 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 OWNER = Path("server/run_dir.py")
 #: Modules the owner's file names may not appear in: everything that ships or runs, tests aside.
 SCANNED = ("server", "simulation", "client", "hymate", "strategies", "bench")
-#: hymate-server's wiring (server/cli.py) was off-limits while the settings engineer reworked it;
-#: it should ask RunDirectory for superlink_dir, superlink_run_config_file, events_file and
-#: model_card_file. The test fails once it no longer needs this exemption, so it cannot linger.
-NOT_YET_THROUGH_THE_OWNER = {Path("server/cli.py")}
 FILE_NAMES = (
     "federation.json",
     "events.jsonl",
@@ -195,19 +191,13 @@ def run_folder_names_in(file: Path, relative: Path) -> list[str]:
 
 
 def test_no_module_but_the_owner_names_a_file_of_the_run_folder():
-    offenders, exempt_still_needed = [], set()
+    offenders = []
     for package in SCANNED:
         for file in sorted((ROOT / package).rglob("*.py")):
             relative = file.relative_to(ROOT)
-            if relative == OWNER:
-                continue
-            found = run_folder_names_in(file, relative)
-            if relative in NOT_YET_THROUGH_THE_OWNER:
-                exempt_still_needed |= {relative} if found else set()
-            else:
-                offenders += found
+            if relative != OWNER:
+                offenders += run_folder_names_in(file, relative)
     assert offenders == []
-    assert exempt_still_needed == NOT_YET_THROUGH_THE_OWNER, "drop the exemption: it goes through the owner now"
 
 
 def test_the_scan_catches_what_it_looks_for(tmp_path):
