@@ -5,7 +5,7 @@ node authentication, synthetic sites) and reports, per round, the round's wall t
 slowest site's local work (its train plus evaluate handler seconds, as the site measured
 them), with the peak RSS of the coordinator's and each site's whole process tree.
 
-    .venv/bin/python bench/deployment_round.py --sites 3 --rounds 4
+    .venv/bin/python bench/deployment_round.py --sites 3 --rounds 4 [--d-model 16]
 
 Round 1 includes one-off start-up (imports, numba's compiled kernels, the data); the median
 over the later rounds is the steady state. Run it on a quiet machine: every process here
@@ -65,12 +65,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=16, help="model width (the sites' local work grows with it)")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="hymate-bench-") as tmp:
         d = Deployment(Path(tmp), n_sites=args.sites)
         started = time.monotonic()
-        server = d.start_server("--rounds", str(args.rounds), "--min-clients", str(args.sites))
+        server = d.start_server(
+            "--rounds", str(args.rounds), "--min-clients", str(args.sites), "--d-model", str(args.d_model)
+        )
         wait_until(lambda: "registered site" in d.log("server.log"), 120, "the sites to be registered")
         time.sleep(5)  # all sites registered (the log names each; their count differs by version)
         clients = {f"site {i}": d.start_client(i).pid for i in range(1, args.sites + 1)}

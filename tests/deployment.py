@@ -17,7 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from client.site_keys import write_site_key_pair
 from hymate.processes import free_port
+from server.certs import create_federation_keys
 
 BIN = Path(sys.executable).parent
 
@@ -56,22 +58,15 @@ class Deployment:
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # The same functions `hymate-server init-certs` and `hymate-client init-key` call, in-process:
+        # each CLI start imports torch (~10 s per key on two busy cores). The README deployment
+        # test runs the commands themselves.
         self.keys = self.root / "keys"
-        subprocess.run(
-            [BIN / "hymate-server", "init-certs", self.keys, "--host", "127.0.0.1", "--host", "localhost"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        create_federation_keys(self.keys, [], ["127.0.0.1", "localhost"])
         (self.keys / "sites").mkdir()
         for i in range(1, self.n_sites + 1):
-            subprocess.run(
-                [BIN / "hymate-client", "init-key", self.key_dir(i), "--name", self.site_name(i)],
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
-            shutil.copy(self.site_key(i).with_name(f"{self.site_name(i)}.pub"), self.keys / "sites")
+            private = write_site_key_pair(self.key_dir(i), self.site_name(i))
+            shutil.copy(private.with_name(f"{self.site_name(i)}.pub"), self.keys / "sites")
         self.run_dir = self.root / "run"
 
     @staticmethod

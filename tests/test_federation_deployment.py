@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from client.site import SiteSettings, open_site
-from tests.deployment import Deployment, kill_group, wait_until
+from client.site_keys import write_site_key_pair
+from client.supernode_errors import EXIT_REFUSED
+from tests.deployment import BIN, Deployment, kill_group, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -170,24 +172,65 @@ POISON = textwrap.dedent(
 )
 
 
-def test_poisoned_updates_are_rejected_and_the_round_goes_on(deployment, tmp_path):
-    d = deployment
+IMPOSTOR = "claims to be hospital-1 but its key is registered as hospital-4"
+
+
+def test_hostile_sites_are_turned_away_and_the_round_goes_on(tmp_path):
+    """One federation, every kind of hostile site at once (one deployment instead of three keeps
+    the suite inside its time budget): hospital-2 and -3 send a wrongly shaped and a NaN update,
+    hospital-4 claims hospital-1's name, and a stranger's key was never registered."""
+    d = Deployment(tmp_path, n_sites=4)
     poison_dir = tmp_path / "poison"
     poison_dir.mkdir()
     (poison_dir / "sitecustomize.py").write_text(POISON)
-    server = d.start_server("--rounds", "1", "--min-clients", "1")
-    wait_until(lambda: "registered site hospital-3" in d.log("server.log"), 90, "the SuperLink to register the sites")
-    d.start_client(1)
-    d.start_client(2, env={"PYTHONPATH": str(poison_dir), "HYMATE_POISON": "shape"})
-    d.start_client(3, env={"PYTHONPATH": str(poison_dir), "HYMATE_POISON": "nan"})
+    try:
+        server = d.start_server("--rounds", "1", "--min-clients", "1", "--round-timeout", "300")
+        wait_until(lambda: "registered site hospital-4" in d.log("server.log"), 90, "the sites' keys to be registered")
+        d.start_client(1)
+        d.start_client(2, env={"PYTHONPATH": str(poison_dir), "HYMATE_POISON": "shape"})
+        d.start_client(3, env={"PYTHONPATH": str(poison_dir), "HYMATE_POISON": "nan"})
+        d.start_client(4, "--name", "hospital-1")  # hospital-4's key, hospital-1's name
+        write_site_key_pair(tmp_path / "stranger-key", "stranger")
+        started = time.monotonic()
+        # --max-restarts 0 bounds the stranger: an unregistered key would otherwise be retried.
+        stranger = d._start(
+            [
+                BIN / "hymate-client",
+                *("--server", f"127.0.0.1:{d.port}", "--dataset", "synthetic", "--site", "site-0"),
+                *("--name", "hospital-1", "--state-dir", tmp_path / "stranger", "--root-cert", d.keys / "ca.crt"),
+                *("--auth-key", tmp_path / "stranger-key" / "stranger", "--max-restarts", "0"),
+            ],
+            "stranger.log",
+        )
+        assert stranger.wait(120) == EXIT_REFUSED, d.log("stranger.log")
+        assert time.monotonic() - started < 90
+        assert d.wait_server(server, 330) == 0, d.log("server.log")[-3000:]
+    finally:
+        d.stop()
 
-    assert d.wait_server(server, 330) == 0, d.log("server.log")[-3000:]
+    # The stranger stopped at once, with the plain reason.
+    assert "hymate-client: error: this site's key is not registered with the coordinator" in d.log("stranger.log")
+
     m = round_metrics(d, 1)
+    own_train = len(open_site(SiteSettings(dataset="synthetic", site="site-0", state_dir=d.state_dir(1))).train)
     assert sorted(m["sites"]["train"]) == ["hospital-1"]
+    assert m["sites"]["train"]["hospital-1"]["num-examples"] == own_train  # hospital-1's own update, no one else's
     reasons = {r["site"]: r["reason"] for r in m["rejected"] if r["phase"] == "train"}
     assert sorted(reasons) == ["hospital-2", "hospital-3"]
     assert "expected float32" in reasons["hospital-2"]
     assert "non-finite" in reasons["hospital-3"]
     assert all(np.isfinite(w).all() for w in weights(d, 1).values())
-    card = (d.run_dir / "model_card.md").read_text()
-    assert "hospital-2 (train)" in card and "hospital-3 (train)" in card
+
+    card = json.loads((d.run_dir / "model_card.json").read_text())
+    query_rejections = [(r["site"], r["reason"]) for r in card["rejected_replies"] if r["phase"] == "query"]
+    assert query_rejections == [("hospital-4", IMPOSTOR)]
+    assert [r["site"] for r in card["refused_nodes"]] == ["hospital-4"]
+    assert card["normaliser_sites"] == ["hospital-1", "hospital-2", "hospital-3"]
+    assert card["identity"]["authenticated"] is True
+    assert card["identity"]["sites"]["hospital-1"] == "registered key"
+    markdown = (d.run_dir / "model_card.md").read_text()
+    assert "hospital-2 (train)" in markdown and "hospital-3 (train)" in markdown
+    # The coordinator's console showed it as it happened.
+    console = d.log("server.log")
+    assert f"normalisation query: rejected hospital-4 (identity): {IMPOSTOR}" in console
+    assert "round 1/1 done in" in console
