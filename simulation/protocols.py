@@ -34,6 +34,7 @@ from hymate.data.stays import StayTable
 from hymate.model import HyMaTE, ModelOptions
 from hymate.model_bundle import ModelBundle
 from hymate.train import TrainConfig, fit, positive_class_weight
+from server.run_dir import RunDirectory
 from simulation.engine import EngineSettings, simulate_federation
 from simulation.evaluation import metric_rows, predict, variable_importance
 from simulation.partitioners import PartitionScheme, partition_stays
@@ -238,7 +239,7 @@ class Experiment:
         bundle = self._federate(seed, list(self.sites), label, local_norms=True)
         for name, site in self.sites.items():
             model = bundle.build()
-            if not load_local_norms(model, self.result.federated_runs[label] / "sites" / name):
+            if not load_local_norms(model, RunDirectory(self.result.federated_runs[label]).site_state_root / name):
                 raise RuntimeError(f"site {name} kept no normalisation layers in {label}")
             self._score(
                 model,
