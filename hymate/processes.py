@@ -41,6 +41,13 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
+def _program(args: Sequence[str]) -> str:
+    """What identifies ``args``'s program in a command line: the module of ``python -m MODULE``, else its file's name."""
+    if len(args) > 2 and args[1] == "-m":
+        return args[2]
+    return Path(args[0]).name
+
+
 def _group_runs(pgid: int, program: str) -> bool:
     """Whether a process of group ``pgid`` runs ``program`` (so a recycled id is left alone)."""
     proc = Path("/proc")
@@ -107,7 +114,7 @@ def start_child(
             stale = int(pid_file.read_text().strip())
         except ValueError:
             stale = 0
-        if stale > 0 and _group_alive(stale) and _group_runs(stale, Path(args[0]).name):
+        if stale > 0 and _group_alive(stale) and _group_runs(stale, _program(args)):
             log.warning("ending process group %d left behind by an earlier run (%s)", stale, pid_file)
             _end_group(stale, timeout=10.0)
     log_path.parent.mkdir(parents=True, exist_ok=True)
