@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -63,28 +63,40 @@ def _group_runs(pgid: int, program: str) -> bool:
     return False
 
 
-def _end_groups(pgids: Collection[int], timeout: float, own: subprocess.Popen | None = None) -> None:
+def _end_groups(
+    pgids: Collection[int],
+    timeout: float,
+    own: subprocess.Popen | None = None,
+    found_later: Callable[[], set[int]] | None = None,
+) -> None:
     """SIGTERM to every group at once, SIGKILL to what is left of them after ``timeout`` seconds.
 
     All at once: a simulation's SuperLink, flwr-simulation and Ray each lead a group, and
     stopping them one after another let each use its whole ``timeout`` (Ctrl-C took over 40 s
     on a loaded machine). ``own``: our own child leading a group, reaped while we wait (a
-    zombie still counts as a group member until its parent collects it).
+    zombie still counts as a group member until its parent collects it). ``found_later``:
+    groups that appear while we wait (a SuperLink that starts flwr-simulation as it is being
+    stopped) are ended with the rest.
     """
     alive = set(pgids)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pgid in sorted(alive):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                alive.discard(pgid)
+        signalled: set[int] = set()
         deadline = time.monotonic() + timeout
-        while alive and time.monotonic() < deadline:
+        while True:
+            for pgid in sorted(alive - signalled):
+                try:
+                    os.killpg(pgid, sig)
+                except ProcessLookupError:
+                    pass
+                signalled.add(pgid)
             if own is not None:
                 own.poll()
+            if found_later is not None:
+                alive |= found_later()
             alive = {pgid for pgid in alive if _group_alive(pgid)}
-            if alive:
-                time.sleep(0.1)
+            if not alive or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
         if not alive:
             return
         if sig == signal.SIGTERM:
@@ -139,8 +151,10 @@ def stop_child(process: subprocess.Popen, pid_file: Path, timeout: float = 10.0)
     ``flwr-simulation`` (and with it Ray's GCS, dashboard and workers) in a session of its own,
     which outlived an interrupted ``hymate-sim`` by a minute when only the SuperLink's group was ended.
     """
-    groups = _descendant_groups(process.pid)  # read first: once their parent is gone, children belong to init
-    _end_groups({process.pid} | {pgid for pgid in groups if _group_alive(pgid)}, timeout, own=process)
+    def groups_below() -> set[int]:  # read while the child lives: once it is gone, its children belong to init
+        return _descendant_groups(process.pid) if process.poll() is None else set()
+
+    _end_groups({process.pid} | groups_below(), timeout, own=process, found_later=groups_below)
     process.wait()
     pid_file.unlink(missing_ok=True)
 
