@@ -27,7 +27,14 @@ from client.audit import make_audit_mod
 from client.partition import open_partition
 from client.secure_aggregation import is_required, local_moments, make_secure_aggregation_mod
 from client.site import LocalData, SiteConfigError, SiteSettings, open_site
-from client.training import ModelMismatchError, build_model, evaluate_locally, train_locally, weights_of
+from client.training import (
+    ModelMismatchError,
+    build_model,
+    clipped_as_asked,
+    evaluate_locally,
+    train_locally,
+    weights_of,
+)
 from hymate.data import DataError
 from hymate.local_plan import LocalPlan, PlanError
 from hymate.privacy import LedgerError, PrivacyBudgetExhausted
@@ -129,6 +136,7 @@ def train(msg: Message, context: Context) -> Message:
         # A refusal is an answer, not a failure: the coordinator logs why and goes on without us.
         refusal = {"reason": e.reason, "dp-epsilon": e.epsilon_spent, "dp-target-epsilon": e.target_epsilon}
         return Message(RecordDict({"refused": ConfigRecord(refusal), "site": _site_record(data)}), reply_to=msg)
+    sent = clipped_as_asked(to_vector(outcome.weights), msg.content["arrays"][WEIGHTS_KEY].numpy(), config)
     metrics = MetricRecord(
         {
             "num-examples": outcome.num_examples,
@@ -137,7 +145,7 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     content = {
-        "arrays": _to_record({WEIGHTS_KEY: to_vector(outcome.weights)}),
+        "arrays": _to_record({WEIGHTS_KEY: sent}),
         "metrics": metrics,
         "site": _site_record(data),
     }

@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 
 MOMENT_ARRAY_NAMES = frozenset(MOMENT_ARRAYS)
 #: The SecAgg+ fields that are bytes: keys, encrypted shares, the masked vector, key shares.
-SECAGG_BYTES = frozenset({Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, Key.CIPHERTEXT_LIST, Key.MASKED_PARAMETERS, Key.SHARE_LIST})
+SECAGG_BYTES = frozenset(
+    {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, Key.CIPHERTEXT_LIST, Key.MASKED_PARAMETERS, Key.SHARE_LIST}
+)
 
 SiteResolver = Callable[[Context], LocalData]
 

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from copy import copy
 from collections.abc import Callable
+from copy import copy
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common import FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common import Code
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
@@ -142,7 +141,9 @@ def _masked_payload(
     elif phase == PHASE_TRAIN:
         (received,) = parameters_to_ndarrays(parameters)
         arrays = ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(received))})
-        request = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), metadata=copy(message.metadata))
+        request = Message(
+            RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), metadata=copy(message.metadata)
+        )
         reply = call_next(request, context)
         if reply.has_error():
             raise SecureAggregationRefused(f"training failed: {reply.error.reason}")
@@ -169,4 +170,3 @@ def _masked_payload(
     for name, record in clear.config_records.items():
         out[name] = record
     return Message(out, reply_to=message)
-

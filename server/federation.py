@@ -35,8 +35,14 @@ from flwr.serverapp.strategy import Strategy
 from hymate.data.normalization import MomentSums
 from hymate.model import HyMaTE
 from hymate.model_bundle import ModelBundle
-from hymate.secure_sums import PHASE_KEY, PHASE_NORMALISATION, PHASE_TRAIN, decode, encoded_length
-from hymate.secure_sums import split_training_payload
+from hymate.secure_sums import (
+    PHASE_KEY,
+    PHASE_NORMALISATION,
+    PHASE_TRAIN,
+    decode,
+    encoded_length,
+    split_training_payload,
+)
 from hymate.weight_vector import WEIGHTS_KEY, from_vector, to_vector
 from server.events import EventLog
 from server.exchange import send_and_receive
@@ -111,6 +117,11 @@ def _query_answer(
 
     ``with_moments=False`` (secure aggregation): the sums come masked, later; any sent here are ignored."""
     content = reply.message.content
+    if with_moments and "moments" not in content.array_records:
+        raise ValueError(
+            "sent no normalisation sums in the clear: the site requires secure aggregation (run with "
+            "--secure-aggregation)"
+        )
     try:
         schema = content["schema"]
         key = (tuple(map(str, schema["variables"])), tuple(map(str, schema["static"])), str(schema["dataset"]))
@@ -374,7 +385,9 @@ class Federation:
     ) -> tuple[ArrayRecord | None, TrainedReplies, list[Rejection]]:
         """Plain training: every site's update is screened, then the strategy aggregates them."""
         replies = send_and_receive(self.grid, messages, self.settings.round_timeout)
-        trained = screen_replies(messages, replies, "train", global_arrays, self.identities, self.settings.round_timeout)
+        trained = screen_replies(
+            messages, replies, "train", global_arrays, self.identities, self.settings.round_timeout
+        )
         rejected = self._report(server_round, "train", trained)
         self._require_enough(server_round, "train", trained.accepted, rejected)
         new_arrays, _ = self.strategy.aggregate_train(server_round, [r.message for r in trained.accepted])
@@ -386,7 +399,6 @@ class Federation:
         """Secure training: SecAgg+ reveals the mean update; the strategy is handed one reply per
         contributing site, each carrying the global model plus that mean and the site's example
         count, so its weighted mean is the mean (FedAvg) and its optimiser sees one pseudo-gradient."""
-        s = self.settings
         global_vector = global_arrays[WEIGHTS_KEY].numpy()
         instructions = {
             m.metadata.dst_node_id: FitIns(
@@ -398,7 +410,8 @@ class Federation:
         # The largest site's training stays bound the weights SecAgg+ quantises (its max_weight).
         largest = max((int(p.get("stays_train", 1)) for p in self.facts.sites.values()), default=1)
         secure = self.secure.training_mean(server_round, instructions, global_vector.size + 1, largest)
-        rejected = self.dropouts.first_reports(Screened([], [], secure.rejected))
+        verified = [SiteReply(c.node_id, c.site, c.reply) for c in secure.contributors]
+        rejected = self.dropouts.first_reports(Screened([], verified, secure.rejected))
         for r in rejected:
             self._log_rejection(server_round, "train", r)
         self._require_enough(server_round, "train", secure.contributors, rejected)
@@ -415,9 +428,10 @@ class Federation:
             )
             handed.append(SiteReply(c.node_id, c.site, Message(content, reply_to=by_node[c.node_id])))
         for c in secure.contributors:
-            self.events.emit("reply", round=server_round, phase="train", site=c.site, metrics={"num-examples": c.num_examples})
+            self.events.emit(
+                "reply", round=server_round, phase="train", site=c.site, metrics={"num-examples": c.num_examples}
+            )
         new_arrays, _ = self.strategy.aggregate_train(server_round, [r.message for r in handed])
-        verified = [SiteReply(c.node_id, c.site, c.reply) for c in secure.contributors]
         per_site_examples = {c.site: {"num-examples": c.num_examples} for c in secure.contributors}
         return new_arrays, TrainedReplies(handed, verified, per_site_examples), rejected
 
@@ -463,7 +477,9 @@ class Federation:
     def _refused(self, refusal: Refusal) -> None:
         self.events.emit("refused", site=refusal.site, node_id=refusal.node_id, reason=refusal.reason)
 
-    def _require_enough(self, server_round: int, phase: str, accepted: Sequence[Any], rejected: list[Rejection]) -> None:
+    def _require_enough(
+        self, server_round: int, phase: str, accepted: Sequence[Any], rejected: list[Rejection]
+    ) -> None:
         if len(accepted) < self.settings.min_clients:
             reasons = "; ".join(f"{r.site}: {r.reason}" for r in rejected) or "no replies"
             raise FederationError(

@@ -178,7 +178,9 @@ def model_card(
             # With secure aggregation the coordinator saw only sums of updates and normalisation sums.
             "secure_aggregation": secure.as_record() if secure.enabled else None,
         },
-        "failed_rounds": [{"round": entry["round"], "reason": entry["failed"]} for entry in history if "failed" in entry],
+        "failed_rounds": [
+            {"round": entry["round"], "reason": entry["failed"]} for entry in history if "failed" in entry
+        ],
         "identity": identity_summary(facts),
         "normaliser_sites": sorted(facts.sites),
         "rounds_by_site": rounds_by_site(history),

@@ -73,14 +73,18 @@ class SecureAggregationSettings:
         "can collect both kinds of shares of one site",
     )
     clipping_range: float = setting(
-        4.0, key="secagg-clipping-range", help="bound on every element of a site's model update (a site refuses beyond it)"
+        4.0,
+        key="secagg-clipping-range",
+        help="bound on every element of a site's model update (a site refuses beyond it)",
     )
     quantization_range: int = setting(
         2**22, key="secagg-quantization-range", help="integer levels each element is quantised to"
     )
 
     def __post_init__(self) -> None:
-        if self.num_shares <= 0 or (self.num_shares > 1 and (self.num_shares < 3 or self.num_shares != int(self.num_shares))):
+        if self.num_shares <= 0 or (
+            self.num_shares > 1 and (self.num_shares < 3 or self.num_shares != int(self.num_shares))
+        ):
             raise RunConfigError(
                 f"secagg-num-shares must be a fraction in (0, 1] or an integer >= 3, got {self.num_shares}"
             )
@@ -269,7 +273,12 @@ class SecureAggregator:
         return self._exchange(workflow, 0, instructions, payload_length, "query")
 
     def _exchange(
-        self, workflow: SecAggPlusWorkflow, server_round: int, instructions: Mapping[int, FitIns], length: int, phase: str
+        self,
+        workflow: SecAggPlusWorkflow,
+        server_round: int,
+        instructions: Mapping[int, FitIns],
+        length: int,
+        phase: str,
     ) -> SecureMean:
         grid = _ScreenedGrid(self.grid, self.stage_timeout, length, phase)
         exchange = _Exchange(grid, self.run_id, instructions)
@@ -304,7 +313,12 @@ class SecureAggregator:
             raise SecureAggregationFailed("secure aggregation produced no result", grid.rejected)
         (mean,) = parameters_to_ndarrays(exchange.results[0][1].parameters)
         contributors = [
-            Contribution(proxy.node_id, self.identities.name_of(proxy.node_id), int(res.num_examples), grid.collected[proxy.node_id])
+            Contribution(
+                proxy.node_id,
+                self.identities.name_of(proxy.node_id),
+                int(res.num_examples),
+                grid.collected[proxy.node_id],
+            )
             for proxy, res in exchange.results
         ]
         return SecureMean(np.asarray(mean, dtype=np.float64), contributors, grid.rejected)

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from client.audit import make_audit_mod
 from client.secure_aggregation import is_required, local_moments, make_secure_aggregation_mod
 from client.site import LocalData, SiteSettings
+from client.training import clipped_as_asked
 from hymate.data import LoadSummary, split_stays
 from hymate.data.stays import StayTable
 from hymate.weight_vector import WEIGHTS_KEY
@@ -35,7 +36,9 @@ from hymate.weight_vector import WEIGHTS_KEY
 def local_data(table: StayTable, site: str, name: str, state_dir: Path) -> LocalData:
     part = table.where_site(site)
     train, val, test = split_stays(part, seed=0).tables(part)
-    return LocalData(SiteSettings(dataset="synthetic", state_dir=state_dir, name=name), train, val, test, LoadSummary("synthetic"))
+    return LocalData(
+        SiteSettings(dataset="synthetic", state_dir=state_dir, name=name), train, val, test, LoadSummary("synthetic")
+    )
 
 
 @dataclass
@@ -46,6 +49,7 @@ class AppSite:
     node_config: dict = field(default_factory=dict)
     silent_at: set[tuple[int, str]] = field(default_factory=set)  # (round, SecAgg+ stage) it does not answer
     updates: dict[int, np.ndarray] = field(default_factory=dict)  # round -> the weights it trained
+    received: dict[int, np.ndarray] = field(default_factory=dict)  # round -> the weights it was sent
 
     @property
     def name(self) -> str:
@@ -63,8 +67,12 @@ class AppSite:
             variables, static = self.data.schema
             content = RecordDict(
                 {
-                    "schema": ConfigRecord({"variables": list(variables), "static": list(static), "dataset": "synthetic"}),
-                    "metrics": MetricRecord({"num-examples": len(self.data.train), "stays_train": len(self.data.train)}),
+                    "schema": ConfigRecord(
+                        {"variables": list(variables), "static": list(static), "dataset": "synthetic"}
+                    ),
+                    "metrics": MetricRecord(
+                        {"num-examples": len(self.data.train), "stays_train": len(self.data.train)}
+                    ),
                     "site": ConfigRecord({"name": self.name}),
                 }
             )
@@ -77,12 +85,16 @@ class AppSite:
         def train(msg: Message, context: Context) -> Message:
             received = msg.content["arrays"][WEIGHTS_KEY].numpy()
             server_round = int(msg.content["config"]["server-round"])
-            trained = received + self.update(received.size, server_round)
-            self.updates[server_round] = trained
+            trained = clipped_as_asked(
+                received + self.update(received.size, server_round), received, msg.content["config"]
+            )
+            self.updates[server_round], self.received[server_round] = trained, received
             content = RecordDict(
                 {
                     "arrays": ArrayRecord({WEIGHTS_KEY: Array(trained)}),
-                    "metrics": MetricRecord({"num-examples": len(self.data.train), "train_loss": 0.5 + self.node_id / 10}),
+                    "metrics": MetricRecord(
+                        {"num-examples": len(self.data.train), "train_loss": 0.5 + self.node_id / 10}
+                    ),
                     "site": ConfigRecord({"name": self.name}),
                 }
             )
@@ -91,7 +103,9 @@ class AppSite:
         @app.evaluate()
         def evaluate(msg: Message, context: Context) -> Message:
             metrics = {"num-examples": len(self.data.test), "auroc": 0.7, "auprc": 0.4, "loss": 0.6, "num-positives": 3}
-            return Message(RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": self.name})}), reply_to=msg)
+            return Message(
+                RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": self.name})}), reply_to=msg
+            )
 
         return app
 
@@ -115,7 +129,8 @@ class AppGrid(Grid):
     def __post_init__(self) -> None:
         self.apps = {s.node_id: s.app() for s in self.sites}
         self.contexts = {
-            s.node_id: Context(7, s.node_id, dict(s.node_config), RecordDict(), dict(self.run_config)) for s in self.sites
+            s.node_id: Context(7, s.node_id, dict(s.node_config), RecordDict(), dict(self.run_config))
+            for s in self.sites
         }
 
     def get_nodes(self) -> list[NodeInfo]:
@@ -138,7 +153,10 @@ class AppGrid(Grid):
             try:
                 reply = self.apps[site.node_id](delivered, self.contexts[site.node_id])
             except Exception as e:  # what the site's runner sends back
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(e).__name__}: {e}"), reply_to=delivered)
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(e).__name__}: {e}"),
+                    reply_to=delivered,
+                )
             self._replies[message.metadata.message_id] = reply
         return ids
 

@@ -43,7 +43,11 @@ def table():
 
 def sites(table, tmp_path, **node_config) -> list[AppSite]:
     return [
-        AppSite(i + 1, local_data(table, f"site-{i}", f"hospital-{i + 1}", tmp_path / f"site{i + 1}"), node_config=dict(node_config))
+        AppSite(
+            i + 1,
+            local_data(table, f"site-{i}", f"hospital-{i + 1}", tmp_path / f"site{i + 1}"),
+            node_config=dict(node_config),
+        )
         for i in range(4)
     ]
 
@@ -155,6 +159,27 @@ def test_a_secure_federation_sums_exactly_matches_fedavg_recovers_a_dropout_and_
         assert masked and all(line["secure_aggregation"][Key.MASKED_PARAMETERS][0] == 2 for line in masked)
 
 
+def test_central_dp_with_clipping_at_the_sites_runs_on_the_secure_sum(table, tmp_path):
+    group = sites(table, tmp_path)
+    for site in group:
+        site.update_scale = 0.05  # an update norm of ~1.6 for this model, clipped to 0.5
+    s = settings(
+        tmp_path,
+        rounds=1,
+        strategy_name="dp-client-fixed",
+        strategy_options="noise_multiplier=0.0 clipping_norm=0.5 num_sampled_clients=4",
+    )
+    with serverapp_identity(run_id=7):
+        Federation(AppGrid(group), s, run_id=7).run()
+    for site in group:  # each site clipped its own update
+        assert np.linalg.norm(site.updates[1].astype(np.float64) - site.received[1]) == pytest.approx(0.5, rel=1e-5)
+    examples = {site.name: len(site.data.train) for site in group}
+    trained = {site.name: site.updates[1] for site in group}
+    weights = weights_of(s.run_dir, 1)
+    bound = error_bound(s.secure_aggregation, examples) + 1e-6
+    assert np.abs(weights - fedavg(trained, examples)).max() <= bound
+
+
 def test_the_exact_sum_encoding_survives_secaggs_quantisation():
     rng = np.random.default_rng(0)
     sites = [rng.choice([-1, 1], 40) * 10.0 ** rng.uniform(-6, 13, 40) for _ in range(5)]
@@ -176,7 +201,11 @@ def test_weighted_sum_strategies_and_their_subclasses_run_under_secure_aggregati
         settings(tmp_path, strategy_name=name, strategy_options=options)
     check_secure_aggregation(StrategySpec("flwr.serverapp.strategy:FedAdam"))
     with pytest.raises(SettingsError, match="'fedmedian' cannot run"):
-        settings(tmp_path, strategy_name="dp-client-fixed", strategy_options="base=fedmedian noise_multiplier=1 clipping_norm=1")
+        settings(
+            tmp_path,
+            strategy_name="dp-client-fixed",
+            strategy_options="base=fedmedian noise_multiplier=1 clipping_norm=1",
+        )
     with pytest.raises(SettingsError, match="min-clients of at least 2"):
         settings(tmp_path, min_clients=1)
     with pytest.raises(RunConfigError, match="secagg-reconstruction-threshold must be in"):
@@ -185,7 +214,9 @@ def test_weighted_sum_strategies_and_their_subclasses_run_under_secure_aggregati
 
 def _plain_train(node_config=None, run_config=None) -> tuple[Message, Context]:
     with serverapp_identity():
-        message = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=3, message_type=MessageType.TRAIN)
+        message = Message(
+            RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=3, message_type=MessageType.TRAIN
+        )
     return message, Context(7, 3, node_config or {}, RecordDict(), run_config or {})
 
 
@@ -220,7 +251,10 @@ def test_the_audit_lets_no_array_leave_a_site_that_requires_secure_aggregation()
     with pytest.raises(OutgoingMessageBlocked, match="only through secure aggregation"):
         check_outgoing(message, reply, frozenset(), masked_only=True)
     # SecAgg+ bytes pass only in SecAgg+'s own record of a SecAgg+ exchange.
-    secure = Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.PUBLIC_KEY_1: b"k", Key.PUBLIC_KEY_2: b"l"})}), reply_to=message)
+    secure = Message(
+        RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.PUBLIC_KEY_1: b"k", Key.PUBLIC_KEY_2: b"l"})}),
+        reply_to=message,
+    )
     line = check_outgoing(message, secure, frozenset(), masked_only=True, stage=Stage.SETUP)
     assert line["stage"] == Stage.SETUP and line["secure_aggregation"][Key.PUBLIC_KEY_1] == [1, 1]
     with pytest.raises(OutgoingMessageBlocked, match="raw bytes"):
