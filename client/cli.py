@@ -227,7 +227,9 @@ def run(options: dict) -> int:
     runtime_port = options.get("runtime_port") or free_port()
     secret_file = new_runtime_secret(state_dir / "runtime.secret")
     args = [
-        str(Path(sys.executable).with_name("flower-supernode")),
+        sys.executable,
+        "-m",
+        "client.supernode_launcher",  # flower-supernode, with a short idle poll
         "--superlink",
         options["server"],
         "--node-config",

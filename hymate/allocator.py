@@ -4,9 +4,10 @@ Why: torch on CPU allocates every activation with plain malloc, and length-bucke
 give every step tensors of other sizes. glibc serves blocks above its mmap threshold with
 mmap and unmaps them on free, but it raises that threshold (up to 32 MB) each time such a
 block is freed, so after a few steps the activations (1-30 MB each) come from the heap,
-which fragments and is seldom returned (tests/test_allocator.py: 71 of 85 MB freed stayed
-resident). A fixed threshold turns the dynamic adjustment off, so large blocks are unmapped
-when freed; small objects stay on the heap. Measured on one epoch of P12 set-b (3,200
+which fragments and is seldom returned (the probe in tests/test_allocator.py: 71 of 85 MB
+freed stayed resident on the development machine, 4 MB under CI's glibc). A fixed threshold
+turns the dynamic adjustment off, so large blocks are unmapped when freed; small objects stay
+on the heap. Measured on one epoch of P12 set-b (3,200
 training stays, d_model 64, identical validation AUROC): peak RSS 2,063 MB -> 1,192 MB;
 the price is page faults on every fresh block, system CPU time 6 s -> 66 s beside about
 420 s of user time (+15 % CPU in all).

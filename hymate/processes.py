@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,13 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
+def _program(args: Sequence[str]) -> str:
+    """What identifies ``args``'s program in a command line: the module of ``python -m MODULE``, else its file's name."""
+    if len(args) > 2 and args[1] == "-m":
+        return args[2]
+    return Path(args[0]).name
+
+
 def _group_runs(pgid: int, program: str) -> bool:
     """Whether a process of group ``pgid`` runs ``program`` (so a recycled id is left alone)."""
     proc = Path("/proc")
@@ -56,26 +63,32 @@ def _group_runs(pgid: int, program: str) -> bool:
     return False
 
 
-def _end_group(pgid: int, timeout: float, own: subprocess.Popen | None = None) -> None:
-    """SIGTERM to the whole group, SIGKILL to what is left after ``timeout`` seconds.
+def _end_groups(pgids: Collection[int], timeout: float, own: subprocess.Popen | None = None) -> None:
+    """SIGTERM to every group at once, SIGKILL to what is left of them after ``timeout`` seconds.
 
-    ``own``: our own child leading the group, reaped while we wait (a zombie still counts
-    as a group member until its parent collects it).
+    All at once: a simulation's SuperLink, flwr-simulation and Ray each lead a group, and
+    stopping them one after another let each use its whole ``timeout`` (Ctrl-C took over 40 s
+    on a loaded machine). ``own``: our own child leading a group, reaped while we wait (a
+    zombie still counts as a group member until its parent collects it).
     """
+    alive = set(pgids)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
+        for pgid in sorted(alive):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                alive.discard(pgid)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while alive and time.monotonic() < deadline:
             if own is not None:
                 own.poll()
-            if not _group_alive(pgid):
-                return
-            time.sleep(0.1)
+            alive = {pgid for pgid in alive if _group_alive(pgid)}
+            if alive:
+                time.sleep(0.1)
+        if not alive:
+            return
         if sig == signal.SIGTERM:
-            log.warning("process group %d did not stop in %.0f s; killing it", pgid, timeout)
+            log.warning("process group(s) %s did not stop in %.0f s; killing them", sorted(alive), timeout)
 
 
 def _child_environment(extra: Mapping[str, str] | None) -> dict[str, str]:
@@ -107,9 +120,9 @@ def start_child(
             stale = int(pid_file.read_text().strip())
         except ValueError:
             stale = 0
-        if stale > 0 and _group_alive(stale) and _group_runs(stale, Path(args[0]).name):
+        if stale > 0 and _group_alive(stale) and _group_runs(stale, _program(args)):
             log.warning("ending process group %d left behind by an earlier run (%s)", stale, pid_file)
-            _end_group(stale, timeout=10.0)
+            _end_groups({stale}, timeout=10.0)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         process = subprocess.Popen(
@@ -126,43 +139,31 @@ def stop_child(process: subprocess.Popen, pid_file: Path, timeout: float = 10.0)
     ``flwr-simulation`` (and with it Ray's GCS, dashboard and workers) in a session of its own,
     which outlived an interrupted ``hymate-sim`` by a minute when only the SuperLink's group was ended.
     """
-    below = _descendants(process.pid)  # read first: once their parent is gone, children belong to init
-    _end_group(process.pid, timeout, own=process)
+    groups = _descendant_groups(process.pid)  # read first: once their parent is gone, children belong to init
+    _end_groups({process.pid} | {pgid for pgid in groups if _group_alive(pgid)}, timeout, own=process)
     process.wait()
-    for pgid in sorted({group for group, _ in below.values()} - {process.pid}):
-        still_ours = any(_started_at(pid) == start for pid, (group, start) in below.items() if group == pgid)
-        if still_ours and _group_alive(pgid):
-            _end_group(pgid, timeout)
     pid_file.unlink(missing_ok=True)
 
 
-def _process_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, process group, start time) of every process (empty without /proc)."""
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, process group) of every process (empty without /proc)."""
     table = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-            table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]), fields[19])
+            table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]))
         except (OSError, IndexError, ValueError):
             continue
     return table
 
 
-def _descendants(pid: int) -> dict[int, tuple[int, str]]:
-    """pid -> (process group, start time) of every process below ``pid``."""
-    table, below, frontier = _process_table(), {}, {pid}
+def _descendant_groups(pid: int) -> set[int]:
+    """The process groups of every process below ``pid``."""
+    table, below, frontier = _process_table(), set(), {pid}
     while frontier:
-        frontier = {p for p, (ppid, _, _) in table.items() if ppid in frontier and p not in below}
-        below |= {p: table[p][1:] for p in frontier}
-    return below
-
-
-def _started_at(pid: int) -> str | None:
-    """A process's start time (None when it is gone): with the pid, it names one process."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+        frontier = {p for p, (ppid, _) in table.items() if ppid in frontier and p not in below}
+        below |= frontier
+    return {table[p][1] for p in below}
 
 
 def free_port() -> int:

@@ -76,8 +76,19 @@ def _subject_alternative_names(hosts: list[str]) -> list[x509.GeneralName]:
 def create_federation_keys(
     directory: Path, pilot_sites: Sequence[str] = (), hosts: list[str] | None = None, days: int = 365
 ) -> FederationKeys:
-    """A CA and a server certificate valid for ``hosts``; PILOT ONLY: a key pair per ``pilot_sites`` name."""
+    """A CA and a server certificate valid for ``hosts``; PILOT ONLY: a key pair per ``pilot_sites`` name.
+
+    Refuses (FileExistsError, before writing anything) when any of the files is already there:
+    a new CA would silently invalidate every certificate the federation has handed out.
+    """
     directory = Path(directory)
+    targets = [directory / n for n in ("ca.key", "ca.crt", "server.key", "server.crt")]
+    targets += [directory / "sites" / f"{site}{suffix}" for site in pilot_sites for suffix in ("", ".pub")]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing:
+        raise FileExistsError(
+            f"{', '.join(existing)} already exist(s); refusing to overwrite the federation's keys (move them away first)"
+        )
     # The coordinator's own tools talk to its SuperLink over loopback, so those names are always in.
     hosts = list(dict.fromkeys([*(hosts or []), "127.0.0.1", "localhost"]))
     now = dt.datetime.now(dt.UTC)

@@ -2,7 +2,7 @@
 
 A reply is used only if it comes from the site it claims to be (``server.site_identity``) and
 is exactly what the protocol expects: one ``arrays`` record with the global model's names,
-shapes and dtypes and only finite values (training), one ``metrics`` record of finite numbers
+shapes and dtypes and only finite values, and exactly ``TRAIN_METRICS`` (training), one ``metrics`` record of finite numbers
 with a positive integer ``num-examples``, finite moment sums and a schema (normalisation).
 Anything else (a site gone offline or silent, an error reply, a refused round, an impostor, a
 malformed or poisoned update) becomes one ``Rejection`` that names the site, the true cause and
@@ -19,6 +19,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
+from hymate.train_reply import TRAIN_METRICS
 from server.site_identity import SiteIdentities, SiteReply
 
 # Metrics that are legitimately undefined at a site whose test stays hold one class only.
@@ -94,6 +95,8 @@ def _content_problem(content: RecordDict, phase: str, reference: ArrayRecord | N
         if content.array_records:
             return "an evaluation reply must not carry arrays"
         return None
+    if set(metrics) != TRAIN_METRICS:
+        return f"training metrics must be exactly {sorted(TRAIN_METRICS)}, got {sorted(metrics)}"
     if len(content.array_records) != 1 or "arrays" not in content.array_records:
         return "reply must carry exactly one ArrayRecord named 'arrays'"
     arrays = content["arrays"]

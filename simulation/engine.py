@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,24 @@ class EngineSettings:
     cpus_per_client: int = 1
     ray_address: str | None = None  # an existing Ray cluster ("HOST:PORT"); default: a private local one
     timeout: float = 3600.0
+
+    def check_cluster(self, timeout: float = 5.0) -> None:
+        """Fail now, naming the address, when nothing listens at ``ray_address``.
+
+        Why: Ray's driver retries an unreachable head until the run's deadline, so a typo in
+        --ray-address would cost the whole ``timeout`` before it said anything. ``auto`` (Ray's
+        own lookup of a local cluster) and addresses without a port are left to Ray.
+        """
+        host, _, port = (self.ray_address or "").rpartition(":")
+        if not host or not port.isdigit():
+            return
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+        except OSError as e:
+            raise SimulationError(
+                f"no Ray cluster answers at {self.ray_address} ({e.strerror or e}): start one there with "
+                "`ray start --head`, or leave out --ray-address for a private local cluster"
+            ) from None
 
     def federation_config(self, n_sites: int) -> str:
         # Flower's flwr-run path wants whole CPUs per client; on 2 cores, 1 CPU gives the two

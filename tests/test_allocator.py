@@ -12,11 +12,11 @@ import pytest
 
 from hymate import allocator
 
-# Allocates tensors of changing sizes (as length-bucketed batches do), each next to a small
+# With the fix applied, allocates tensors of changing sizes (as length-bucketed batches do), each next to a small
 # object that stays alive, frees the tensors and reports how much resident memory is left.
 _PROBE = textwrap.dedent(
     """
-    import json, sys
+    import json
     import torch
     from hymate import allocator
 
@@ -25,8 +25,7 @@ _PROBE = textwrap.dedent(
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
 
-    if sys.argv[1] == "fixed":
-        allocator.return_large_blocks_to_os()
+    allocator.return_large_blocks_to_os()
     keep = []
     for warm in range(3):  # free a few big blocks first: this is what raises glibc's threshold
         del_me = torch.ones((8 << 20) // 4 + warm)
@@ -42,18 +41,19 @@ _PROBE = textwrap.dedent(
 )
 
 
-def _left_mb(mode: str) -> float:
+def _left_mb_after_fix() -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults
-    result = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True, env=env)
+    result = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, env=env)
     return json.loads(result.stdout)["left_mb"]
 
 
 @pytest.mark.skipif(allocator._glibc() is None, reason="not glibc: the allocator settings do not apply")
 def test_large_freed_blocks_leave_resident_memory():
     assert allocator.return_large_blocks_to_os() is True
-    assert _left_mb("fixed") < 10  # of about 85 MB allocated and freed
-    # glibc's default keeps most of it resident (measured 71 MB): the cause this module fixes.
-    assert _left_mb("default") > 40
+    # Of about 85 MB allocated and freed. How much glibc's default keeps depends on the glibc
+    # build and the heap's history (71 MB on the development machine, 4 MB on CI's), so only
+    # the fixed setting's bound is asserted: it must hold whatever the default does.
+    assert _left_mb_after_fix() < 10
 
 
 def test_settings_apply_exactly_where_the_c_library_is_glibc():

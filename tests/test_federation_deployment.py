@@ -40,65 +40,12 @@ def weights(d: Deployment, r: int) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
-def test_three_hospitals_train_over_tls_and_nothing_but_updates_leaves_them(deployment):
-    d = deployment
-    server = d.start_server("--rounds", "2", "--min-clients", "3")
-    wait_until(lambda: "registered site hospital-3" in d.log("server.log"), 90, "the SuperLink to register the sites")
-    for i in (1, 2, 3):
-        d.start_client(i)
-
-    assert d.wait_server(server, 330) == 0, d.log("server.log")[-3000:]
-
-    # TLS is on: a plain-HTTP request is refused, an HTTPS one verified by our CA is not.
-    with pytest.raises((urllib.error.URLError, ConnectionError)):
-        urllib.request.urlopen(f"http://127.0.0.1:{d.port}/health", timeout=5)
-
-    assert d.rounds_done() == [1, 2]
-    for r in (1, 2):
-        m = round_metrics(d, r)
-        assert m["round"] == r
-        assert sorted(m["sites"]["train"]) == ["hospital-1", "hospital-2", "hospital-3"]
-        assert sorted(m["sites"]["evaluate"]) == ["hospital-1", "hospital-2", "hospital-3"]
-        assert m["rejected"] == []
-        n = [m["sites"]["train"][s]["num-examples"] for s in sorted(m["sites"]["train"])]
-        # The aggregated loss is the example-weighted mean of the three sites' losses.
-        losses = [m["sites"]["train"][s]["train_loss"] for s in sorted(m["sites"]["train"])]
-        assert m["train"]["train_loss"] == pytest.approx(np.average(losses, weights=n))
-        assert 0.0 <= m["evaluate"]["auroc"] <= 1.0
-
-    first, second = weights(d, 1), weights(d, 2)
-    assert first.keys() == second.keys()
-    assert any(not np.array_equal(first[k], second[k]) for k in first), "the global model did not change"
-
-    card = json.loads((d.run_dir / "model_card.json").read_text())
-    assert card["training"]["rounds_completed"] == 2
-    assert sorted(card["data_provenance"]) == ["hospital-1", "hospital-2", "hospital-3"]
-    assert (d.run_dir / "model.pt").stat().st_size > 0
-
-    # What each hospital sent, from its own audit log: arrays are the model's parameters or
-    # moment sums, never shaped like its data, and no stay or patient id appears anywhere.
-    parameter_shapes = {tuple(a.shape) for a in first.values()}
-    for i in (1, 2, 3):
-        data = open_site(SiteSettings(dataset="synthetic", site=f"site-{i - 1}", state_dir=d.state_dir(i)))
-        data_shapes = (
-            {(len(t),) for t in (data.train, data.val, data.test)}
-            | {(t.n_events,) for t in (data.train, data.val, data.test)}
-            | {t.static.shape for t in (data.train, data.val, data.test)}
-        )
-        sent = [json.loads(line) for line in (d.state_dir(i) / "outgoing.jsonl").read_text().splitlines()]
-        assert [s["type"] for s in sent].count("train") == 2
-        for message in sent:
-            for name, (_, shape) in message["arrays"].items():
-                assert tuple(shape) not in data_shapes - parameter_shapes, f"{name} {shape} is shaped like local data"
-            text = json.dumps(message)
-            leaked = [x for x in data.local_ids() if f'"{x}"' in text]
-            assert not leaked, f"local ids {leaked[:3]} left hospital-{i}"
-
-
-def test_crash_resume_lost_hospital_and_privacy_budgets(deployment):
-    """The coordinator crashes after round 1 and resumes; hospital 3 is gone for good; hospital 1
-    (DP, roomy budget) restarts between rounds and its spend continues from its ledger;
-    hospital 2 (DP, budget for one round) refuses round 2 and says why."""
+def test_three_hospitals_over_tls_a_coordinator_crash_and_privacy_budgets(deployment):
+    """Three hospitals train round 1 over TLS and send nothing but updates. Then the coordinator
+    crashes and resumes; hospital 3 is gone for good; hospital 1 (DP, roomy budget) restarts
+    between rounds and its spend continues from its ledger; hospital 2 (DP, budget for one
+    round) refuses round 2 and says why. (One federation for both stories keeps the suite
+    inside its time budget.)"""
     d = deployment
     server = d.start_server("--rounds", "2", "--min-clients", "1", "--min-connected", "3")
     wait_until(lambda: "registered site hospital-3" in d.log("server.log"), 90, "the SuperLink to register the sites")
@@ -108,6 +55,10 @@ def test_crash_resume_lost_hospital_and_privacy_budgets(deployment):
         3: d.start_client(3),
     }
     wait_until(lambda: 1 in d.rounds_done(), 200, "round 1")
+
+    # TLS is on: a plain-HTTP request is refused.
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(f"http://127.0.0.1:{d.port}/health", timeout=5)
 
     kill_group(server)  # the coordinator crashes (SIGKILL) after round 1 ...
     kill_group(clients[3])  # ... hospital 3 goes away for good ...
@@ -122,11 +73,21 @@ def test_crash_resume_lost_hospital_and_privacy_budgets(deployment):
     assert d.rounds_done() == [1, 2]
     first, second = round_metrics(d, 1), round_metrics(d, 2)
     assert [first["round"], second["round"]] == [1, 2]
-    assert sorted(first["sites"]["train"]) == ["hospital-1", "hospital-2", "hospital-3"]
+    hospitals = ["hospital-1", "hospital-2", "hospital-3"]
+    assert sorted(first["sites"]["train"]) == sorted(first["sites"]["evaluate"]) == hospitals
+    assert first["rejected"] == []
+    n = [first["sites"]["train"][s]["num-examples"] for s in hospitals]
+    # The aggregated loss is the example-weighted mean of the three sites' losses.
+    losses = [first["sites"]["train"][s]["train_loss"] for s in hospitals]
+    assert first["train"]["train_loss"] == pytest.approx(np.average(losses, weights=n))
+    assert 0.0 <= first["evaluate"]["auroc"] <= 1.0
     assert sorted(second["sites"]["train"]) == ["hospital-1"]
     # Round 1 was kept, not redone: the resumed run continued after it.
     assert (d.run_dir / "round-001" / "metrics.json").stat().st_mtime < restarted_at
     assert (d.run_dir / "round-002" / "metrics.json").stat().st_mtime > restarted_at
+    before, after = weights(d, 1), weights(d, 2)
+    assert before.keys() == after.keys()
+    assert any(not np.array_equal(before[k], after[k]) for k in before), "the global model did not change"
 
     refusals = [r for r in second["rejected"] if r["site"] == "hospital-2"]
     assert (
@@ -141,8 +102,29 @@ def test_crash_resume_lost_hospital_and_privacy_budgets(deployment):
 
     card = json.loads((d.run_dir / "model_card.json").read_text())
     assert card["training"]["rounds_completed"] == 2
+    assert sorted(card["data_provenance"]) == hospitals
+    assert (d.run_dir / "model.pt").stat().st_size > 0
     assert card["privacy_spent_epsilon"]["hospital-1"] == pytest.approx(eps_2)
     assert sorted(card["final_evaluation"]["per_site"]) == ["hospital-1", "hospital-2"]
+
+    # What each hospital sent, from its own audit log: arrays are the model's parameters or
+    # moment sums, never shaped like its data, and no stay or patient id appears anywhere.
+    parameter_shapes = {tuple(a.shape) for a in before.values()}
+    for i, trained in ((1, 2), (2, 1), (3, 1)):
+        data = open_site(SiteSettings(dataset="synthetic", site=f"site-{i - 1}", state_dir=d.state_dir(i)))
+        data_shapes = (
+            {(len(t),) for t in (data.train, data.val, data.test)}
+            | {(t.n_events,) for t in (data.train, data.val, data.test)}
+            | {t.static.shape for t in (data.train, data.val, data.test)}
+        )
+        sent = [json.loads(line) for line in (d.state_dir(i) / "outgoing.jsonl").read_text().splitlines()]
+        assert sum(1 for s in sent if s["type"] == "train" and s["arrays"]) == trained
+        for message in sent:
+            for name, (_, shape) in message["arrays"].items():
+                assert tuple(shape) not in data_shapes - parameter_shapes, f"{name} {shape} is shaped like local data"
+            text = json.dumps(message)
+            leaked = [x for x in data.local_ids() if f'"{x}"' in text]
+            assert not leaked, f"local ids {leaked[:3]} left hospital-{i}"
 
 
 POISON = textwrap.dedent(

@@ -1,7 +1,11 @@
 """Virtual-hospital partitions: disjoint, complete, deterministic, patient-level, skewed as asked."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+import simulation.cli
 
 from hymate.data import load_dataset
 from hymate.data.synthetic import SyntheticConfig
@@ -110,3 +114,19 @@ def test_the_minimum_size_error_suggests_what_applies_to_the_partition(table, sc
     assert message.endswith(remedy + (": the natural sites are fixed" if scheme == "natural" else ""))
     if scheme == "natural":
         assert "ALPHA" not in message and "fewer --sites" not in message
+
+
+
+def _documented_partition_examples() -> list[list[str]]:
+    """The hymate-sim command lines in README.md and hymate-sim's help that partition the default data."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text() + simulation.cli.__doc__
+    lines = [line.split("hymate-sim", 1)[1] for line in text.splitlines() if "hymate-sim " in line]
+    return [line.split() for line in lines if "--partition" in line and "--dataset" not in line]
+
+
+@pytest.mark.parametrize("argv", _documented_partition_examples(), ids=" ".join)
+def test_the_documented_partition_examples_work_on_the_default_data(argv):
+    args, _ = simulation.cli.build_parser().parse_known_args(argv)
+    scheme = PartitionScheme.parse(args.partition)
+    parts = partition_stays(load_dataset("synthetic"), scheme, args.sites, args.split_seed, args.min_site_size)
+    assert len(parts) == args.sites

@@ -7,6 +7,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
+from flwr.serverapp.strategy import FedAvg
+
 from server.federation import weighted_means
 from server.screening import DropoutReports, screen_replies
 from server.site_identity import SiteIdentities
@@ -41,7 +43,7 @@ def update(w=None, b=None, n=10, site="h1", extra_metrics=None) -> RecordDict:
     return RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-            "metrics": MetricRecord({"num-examples": n, "train_loss": 0.5} | (extra_metrics or {})),
+            "metrics": MetricRecord({"num-examples": n, "train_loss": 0.5, "seconds": 1.0} | (extra_metrics or {})),
             "site": ConfigRecord({"name": site}),
         }
     )
@@ -75,6 +77,8 @@ def test_a_well_formed_update_is_accepted():
         (update(w=np.ones((3, 2), np.float64)), "parameter w: float64[3, 2], expected float32[3, 2]"),
         (update(n=0), "num-examples must be a positive integer"),
         (update(extra_metrics={"train_loss": float("nan")}), "metric 'train_loss' is not finite"),
+        # Flower refuses to aggregate replies whose metrics differ in keys: one site would stop the round.
+        (update(extra_metrics={"my-own-metric": 1.0}), "training metrics must be exactly"),
     ],
 )
 def test_malformed_or_poisoned_updates_are_rejected_with_the_reason(content, reason):
@@ -85,10 +89,19 @@ def test_malformed_or_poisoned_updates_are_rejected_with_the_reason(content, rea
     assert reason in rejected[0].reason
 
 
+def test_an_update_missing_a_training_metric_is_rejected_and_the_rest_aggregate():
+    partial = update()
+    del partial["metrics"]["seconds"]
+    partial["site"] = ConfigRecord({"name": "h2"})
+    accepted, rejected = screen([reply(1, update()), reply(2, partial), reply(3, update())], names={2: "h2"})
+    assert [m.metadata.src_node_id for m in accepted] == [1, 3] and [r.node_id for r in rejected] == [2]
+    assert "got ['num-examples', 'train_loss']" in rejected[0].reason
+    FedAvg().aggregate_train(1, accepted)  # what an unscreened mix of keys made raise
+
+
 def test_wrong_keys_and_error_replies_are_rejected():
-    missing = RecordDict(
-        {"arrays": ArrayRecord({"w": Array(np.ones((3, 2), np.float32))}), "metrics": MetricRecord({"num-examples": 3})}
-    )
+    missing = update()
+    del missing["arrays"]["b"]
     accepted, rejected = screen(
         [reply(1, missing), reply(2, error=Error(code=2, reason="ClientApp raised SiteFailure"))], names={2: "h2"}
     )

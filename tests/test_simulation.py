@@ -76,21 +76,13 @@ def test_an_output_folder_that_holds_a_simulation_is_refused_untouched(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
 
 
-def test_an_unreachable_ray_cluster_ends_the_run_with_an_error_in_bounded_time(tmp_path, capsys):
+def test_an_unreachable_ray_cluster_ends_the_run_with_an_error_at_once(tmp_path, capsys):
+    address = f"127.0.0.1:{free_port()}"
     start = time.monotonic()
-    args = SMALL + [
-        "--rounds",
-        "1",
-        "--ray-address",
-        f"127.0.0.1:{free_port()}",
-        "--timeout",
-        "45",
-        "--out",
-        str(tmp_path),
-    ]
-    assert main(args) == 2
-    assert "hymate-sim: error:" in capsys.readouterr().err
-    assert time.monotonic() - start < 100
+    assert main(SMALL + ["--rounds", "1", "--ray-address", address, "--out", str(tmp_path)]) == 2
+    assert f"hymate-sim: error: no Ray cluster answers at {address}" in capsys.readouterr().err
+    assert time.monotonic() - start < 30
+    assert list(tmp_path.iterdir()) == []  # nothing was started or written
 
 
 def _can_unshare() -> bool:
@@ -114,7 +106,7 @@ ip link set lo up
 export RAY_TMPDIR={ray_tmp} RAY_USAGE_STATS_ENABLED=0
 {Path(sys.executable).parent}/ray start --head --node-ip-address=127.0.0.1 --port=6380 --num-cpus=2 \\
     --include-dashboard=false --disable-usage-stats > {tmp_path}/ray.log 2>&1
-{sys.executable} -m simulation.cli {" ".join(SMALL)} --rounds 1 --protocol federated,fedbn --ray-address 127.0.0.1:6380 --timeout 240 --out {out}
+{sys.executable} -m simulation.cli {" ".join(SMALL)} --rounds 1 --protocol fedbn --ray-address 127.0.0.1:6380 --timeout 240 --out {out}
 ls {ray_tmp}/ray/session_latest/logs > {tmp_path}/ray_logs.txt
 """
     process = subprocess.Popen(
@@ -133,10 +125,10 @@ ls {ray_tmp}/ray/session_latest/logs > {tmp_path}/ray_logs.txt
     assert process.returncode == 0, output[-3000:]
     # The simulation's driver connected to this head: its log sits in the head's session.
     assert "python-core-driver" in (tmp_path / "ray_logs.txt").read_text()
-    results = pd.read_csv(out / "results.csv")
-    assert set(results[results["protocol"] == "federated"]["test_site"]) == {"site-0", "site-1", "site-2", "pooled"}
-    # FedBN: every site kept its own normalisation layers and was tested with them, at home.
-    fedbn = results[results["protocol"] == "fedbn"]
+    # FedBN (one federation; plain federated is the short simulation's): every site kept its
+    # own normalisation layers and was tested with them, at home.
+    fedbn = pd.read_csv(out / "results.csv")
+    assert set(fedbn["protocol"]) == {"fedbn"}
     sites = ["site-0", "site-1", "site-2"]
     assert set(zip(fedbn["train_sites"], fedbn["test_site"], strict=True)) == {(f"all+{s}", s) for s in sites}
     assert all((out / "runs" / "fedbn-seed0" / "sites" / s / "local-norms.npz").exists() for s in sites)

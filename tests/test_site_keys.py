@@ -47,6 +47,15 @@ def test_init_certs_writes_no_site_keys_unless_asked_for_a_pilot(tmp_path, capsy
     assert "PILOT ONLY" in capsys.readouterr().out
 
 
+def test_init_certs_never_overwrites_a_federations_ca(tmp_path, capsys):
+    assert server_cli.main(["init-certs", str(tmp_path), "--host", "127.0.0.1"]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert server_cli.main(["init-certs", str(tmp_path), "--host", "127.0.0.1", "--pilot-site-keys", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'ca.key'}" in err and "refusing to overwrite the federation's keys" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no pilot key either
+
+
 def test_a_missing_unsafe_malformed_or_mismatched_key_is_refused_by_name(tmp_path):
     with pytest.raises(SiteKeyError, match="nowhere: no such file .*hymate-client init-key"):
         check_site_key(tmp_path / "nowhere")
