@@ -1,10 +1,10 @@
-"""A secure-aggregation federation of real processes on 127.0.0.1: hymate-server and four
+"""A secure-aggregation federation of real processes on 127.0.0.1: hymate-server and three
 hymate-client with TLS, SuperNode authentication and ``--secure-aggregation`` on both sides.
 
-One federation covers the issue's cases in three rounds: round 1, all four train; round 2,
-hospitals 3 and 4 fail after the key exchange (2 of 4 left, threshold 3), the round fails cleanly
-with its reason and the model is kept; round 3 goes on, and hospital-4 goes silent after the key
-exchange and is recovered (3 of 4 left). Test
+One federation covers the issue's cases in three rounds: round 1, all three train; round 2,
+hospitals 2 and 3 fail after the key exchange (1 of 3 left, threshold 2), the round fails cleanly
+with its reason and the model is kept; round 3 goes on, and hospital-3 goes silent after the key
+exchange and is recovered (2 of 3 left). Test
 hooks (``sitecustomize`` on PYTHONPATH, as in test_federation_deployment) record what each site
 trained and what the coordinator's strategy was handed, so both can be compared.
 """
@@ -23,7 +23,7 @@ from tests.deployment import Deployment, wait_until
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
 STAGE_TIMEOUT = 45  # seconds per SecAgg+ stage: well above a site's local training here
-SILENCE = 55  # hospital-4 sleeps this long in round 3: past the stage timeout, back for the evaluation
+SILENCE = 55  # hospital-3 sleeps this long in round 3: past the stage timeout, back for the evaluation
 
 SITE_HOOK = textwrap.dedent(
     """
@@ -81,21 +81,21 @@ def metrics(d: Deployment, r: int) -> dict:
 
 
 def test_secure_aggregation_matches_fedavg_recovers_a_dropout_and_fails_a_round_cleanly(tmp_path):
-    d = Deployment(tmp_path, n_sites=4)
+    d = Deployment(tmp_path, n_sites=3)
     hooks = {"site": tmp_path / "site-hook", "server": tmp_path / "server-hook", "record": tmp_path / "handed"}
     for name, text in (("site", SITE_HOOK), ("server", SERVER_HOOK)):
         hooks[name].mkdir()
         (hooks[name] / "sitecustomize.py").write_text(text)
     hooks["record"].mkdir()
-    drops = {4: {"HYMATE_FAIL_ROUNDS": "2", "HYMATE_SILENT_ROUNDS": "3"}, 3: {"HYMATE_FAIL_ROUNDS": "2"}}
+    drops = {3: {"HYMATE_FAIL_ROUNDS": "2", "HYMATE_SILENT_ROUNDS": "3"}, 2: {"HYMATE_FAIL_ROUNDS": "2"}}
     try:
         server = d.start_server(
             *("--rounds", "3", "--min-clients", "2", "--secure-aggregation"),
             *("--round-timeout", str(STAGE_TIMEOUT), "--max-events", "100"),
             env={"PYTHONPATH": str(hooks["server"]), "HYMATE_RECORD_DIR": str(hooks["record"])},
         )
-        wait_until(lambda: "registered site hospital-4" in d.log("server.log"), 90, "the sites' keys to be registered")
-        for i in (1, 2, 3, 4):
+        wait_until(lambda: "registered site hospital-3" in d.log("server.log"), 90, "the sites' keys to be registered")
+        for i in (1, 2, 3):
             env = {"PYTHONPATH": str(hooks["site"]), "HYMATE_SILENCE": str(SILENCE)} | drops.get(i, {})
             d.start_client(i, "--secure-aggregation", env=env)
         assert d.wait_server(server, 420) == 0, d.log("server.log")[-3000:]
@@ -103,9 +103,9 @@ def test_secure_aggregation_matches_fedavg_recovers_a_dropout_and_fails_a_round_
         d.stop()
 
     assert d.rounds_done() == [1, 2, 3]
-    names = [d.site_name(i) for i in (1, 2, 3, 4)]
-    trained = {(i, r): np.load(d.state_dir(i) / f"trained-{r}.npy") for i in (1, 2, 3, 4) for r in (1, 3)}
-    for r, contributors in ((1, (1, 2, 3, 4)), (3, (1, 2, 3))):
+    names = [d.site_name(i) for i in (1, 2, 3)]
+    trained = {(i, r): np.load(d.state_dir(i) / f"trained-{r}.npy") for i in (1, 2, 3) for r in (1, 3)}
+    for r, contributors in ((1, (1, 2, 3)), (3, (1, 2))):
         m = metrics(d, r)
         assert sorted(m["sites"]["train"]) == [names[i - 1] for i in contributors]
         examples = {i: m["sites"]["train"][names[i - 1]]["num-examples"] for i in contributors}
@@ -122,12 +122,12 @@ def test_secure_aggregation_matches_fedavg_recovers_a_dropout_and_fails_a_round_
             np.testing.assert_allclose(vector, aggregate, atol=1e-6)
             assert all(np.abs(vector - trained[i, r]).max() > 10 * bound for i in contributors)
     silent = [(x["site"], x["cause"]) for x in metrics(d, 3)["rejected"] if x["phase"] == "train"]
-    assert silent == [("hospital-4", "silent")]
+    assert silent == [("hospital-3", "silent")]
 
     failed = metrics(d, 2)
-    assert "2 of 4 sites left, 3 needed to unmask" in failed["failed"]
+    assert "1 of 3 sites left, 2 needed to unmask" in failed["failed"]
     reasons = {x["site"]: x["reason"] for x in failed["rejected"]}
-    assert sorted(reasons) == ["hospital-3", "hospital-4"]
+    assert sorted(reasons) == ["hospital-2", "hospital-3"]
     assert all("site-side failure (RuntimeError)" in reason for reason in reasons.values())
     np.testing.assert_array_equal(weights(d, 2), weights(d, 1))
     assert "round 2/3 failed, the model is kept: secure aggregation halted" in d.log("server.log")
@@ -138,7 +138,7 @@ def test_secure_aggregation_matches_fedavg_recovers_a_dropout_and_fails_a_round_
     assert [r["round"] for r in card["failed_rounds"]] == [2]
     assert sorted(card["normaliser_sites"]) == names
     # Nothing left any site in the clear: no arrays, SecAgg+ bytes only in its own record.
-    for i in (1, 2, 3, 4):
+    for i in (1, 2, 3):
         sent = [json.loads(line) for line in (d.state_dir(i) / "outgoing.jsonl").read_text().splitlines()]
         assert sent and all(line["arrays"] == {} for line in sent)
         assert any(line.get("stage") == "collect_masked_vectors" for line in sent)
