@@ -3,7 +3,8 @@
 Handlers:
 - ``query``: the site's normalisation sums (counts, sums, sums of squares per variable of its
   training stays) and its data schema, so the coordinator can build global z-scores and the
-  model without any value leaving the site;
+  model without any value leaving the site; under secure aggregation the sums travel masked
+  instead (``client.secure_aggregation``), and the query answers with the schema alone;
 - ``train``: local epochs from the received global model, returns weights and metrics;
 - ``evaluate``: loss, AUROC, AUPRC and n of the received model on the site's test stays.
 
@@ -24,9 +25,17 @@ from flwr.clientapp import ClientApp
 
 from client.audit import make_audit_mod
 from client.partition import open_partition
+from client.secure_aggregation import is_required, local_moments, make_secure_aggregation_mod
 from client.site import LocalData, SiteConfigError, SiteSettings, open_site
-from client.training import ModelMismatchError, build_model, evaluate_locally, train_locally, weights_of
-from hymate.data import DataError, MomentSums
+from client.training import (
+    ModelMismatchError,
+    build_model,
+    clipped_as_asked,
+    evaluate_locally,
+    train_locally,
+    weights_of,
+)
+from hymate.data import DataError
 from hymate.local_plan import LocalPlan, PlanError
 from hymate.privacy import LedgerError, PrivacyBudgetExhausted
 from hymate.weight_vector import WEIGHTS_KEY, WeightLayoutError, from_vector, to_vector
@@ -84,25 +93,27 @@ def _site_record(data: LocalData) -> ConfigRecord:
     return ConfigRecord({"name": data.settings.display_name})
 
 
-app = ClientApp(mods=[make_audit_mod(resolve_site)])
+# The audit sees every reply last, as it leaves; secure-aggregation stages pass through
+# Flower's SecAgg+ client inside it.
+app = ClientApp(mods=[make_audit_mod(resolve_site), make_secure_aggregation_mod(resolve_site)])
 
 
 @app.query()
 @reported_safely
 def query(msg: Message, context: Context) -> Message:
     data = resolve_site(context)
-    moments = MomentSums.from_table(data.train).to_arrays()
     variables, static = data.schema
     schema = ConfigRecord({"variables": list(variables), "static": list(static), "dataset": data.settings.dataset})
     provenance = {k: v for k, v in data.provenance().items() if k != "dataset"}
     content = RecordDict(
         {
-            "moments": _to_record(moments),
             "schema": schema,
             "metrics": MetricRecord({"num-examples": len(data.train)} | provenance),
             "site": _site_record(data),
         }
     )
+    if not is_required(context):
+        content["moments"] = _to_record(local_moments(data).to_arrays())
     return Message(content, reply_to=msg)
 
 
@@ -125,6 +136,7 @@ def train(msg: Message, context: Context) -> Message:
         # A refusal is an answer, not a failure: the coordinator logs why and goes on without us.
         refusal = {"reason": e.reason, "dp-epsilon": e.epsilon_spent, "dp-target-epsilon": e.target_epsilon}
         return Message(RecordDict({"refused": ConfigRecord(refusal), "site": _site_record(data)}), reply_to=msg)
+    sent = clipped_as_asked(to_vector(outcome.weights), msg.content["arrays"][WEIGHTS_KEY].numpy(), config)
     metrics = MetricRecord(
         {
             "num-examples": outcome.num_examples,
@@ -133,7 +145,7 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     content = {
-        "arrays": _to_record({WEIGHTS_KEY: to_vector(outcome.weights)}),
+        "arrays": _to_record({WEIGHTS_KEY: sent}),
         "metrics": metrics,
         "site": _site_record(data),
     }

@@ -9,6 +9,11 @@ so the hospital can show an auditor exactly what it sent. Each line also carries
 the round (None for the normalisation query, which precedes round 1) and ``arrays_sha256``, a
 digest of the arrays' exact contents (``arrays_digest``), so an auditor holding the weights
 can prove which update left the site in which round.
+
+Under secure aggregation (``client.secure_aggregation``) a reply may also carry Flower's SecAgg+
+bytes (public keys, encrypted key shares, the masked vector, unmasking shares), and only in
+SecAgg+'s own record of a SecAgg+ exchange; the line names the stage and counts and digests
+those bytes. A site that requires secure aggregation sends no array in the clear at all.
 """
 
 from __future__ import annotations
@@ -22,13 +27,19 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
+from client.secure_aggregation import is_required
 from client.site import LocalData
 from hymate.data.normalization import MOMENT_ARRAYS
 
 log = logging.getLogger(__name__)
 
 MOMENT_ARRAY_NAMES = frozenset(MOMENT_ARRAYS)
+#: The SecAgg+ fields that are bytes: keys, encrypted shares, the masked vector, key shares.
+SECAGG_BYTES = frozenset(
+    {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, Key.CIPHERTEXT_LIST, Key.MASKED_PARAMETERS, Key.SHARE_LIST}
+)
 
 SiteResolver = Callable[[Context], LocalData]
 
@@ -65,8 +76,22 @@ def message_round(message: Message) -> int | None:
     return int(group) if group.isdigit() else None
 
 
-def check_outgoing(request: Message, reply: Message, local_ids: frozenset[str]) -> dict:
-    """Raise OutgoingMessageBlocked if ``reply`` carries anything but allowed content; return its audit line."""
+def secure_stage(request: Message) -> str | None:
+    """The SecAgg+ stage a request asks for (None: a plain exchange); read before the handlers run,
+    since Flower's SecAgg+ client consumes it."""
+    if not request.has_content() or RECORD_KEY_CONFIGS not in request.content.config_records:
+        return None
+    return str(request.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, ""))
+
+
+def check_outgoing(
+    request: Message, reply: Message, local_ids: frozenset[str], masked_only: bool = False, stage: str | None = None
+) -> dict:
+    """Raise OutgoingMessageBlocked if ``reply`` carries anything but allowed content; return its audit line.
+
+    ``masked_only``: the site requires secure aggregation, so no array may leave in the clear.
+    ``stage``: the SecAgg+ stage of the request (``secure_stage``), None for a plain exchange."""
+    secure = stage is not None
     received = {key: tuple(a.shape) for record in request.content.array_records.values() for key, a in record.items()}
     content = reply.content
     line: dict = {
@@ -80,8 +105,14 @@ def check_outgoing(request: Message, reply: Message, local_ids: frozenset[str]) 
         "text": {},
     }
     sent: dict[str, np.ndarray] = {}
+    masked = hashlib.sha256()
     for record_name, record in content.array_records.items():
         for key, array in record.items():
+            if masked_only:
+                raise OutgoingMessageBlocked(
+                    f"array {record_name}/{key} would leave in the clear; this site sends arrays only through secure "
+                    "aggregation"
+                )
             if key in MOMENT_ARRAY_NAMES and not received:
                 pass
             elif received.get(key) != tuple(array.shape):
@@ -91,6 +122,8 @@ def check_outgoing(request: Message, reply: Message, local_ids: frozenset[str]) 
             line["arrays"][f"{record_name}/{key}"] = [array.dtype, list(array.shape)]
             sent[f"{record_name}/{key}"] = array.numpy()
     line["arrays_sha256"] = arrays_digest(sent) if sent else None
+    if secure:
+        line["stage"] = stage
     for record_name, record in content.metric_records.items():
         for key, value in record.items():
             values = value if isinstance(value, list) else [value]
@@ -102,12 +135,20 @@ def check_outgoing(request: Message, reply: Message, local_ids: frozenset[str]) 
     for record_name, record in content.config_records.items():
         for key, value in record.items():
             values = value if isinstance(value, list) else [value]
+            if secure and record_name == RECORD_KEY_CONFIGS and key in SECAGG_BYTES:
+                chunks = [v for v in values if isinstance(v, bytes)]
+                for chunk in chunks:
+                    masked.update(len(chunk).to_bytes(8, "big") + chunk)
+                line.setdefault("secure_aggregation", {})[key] = [len(chunks), sum(map(len, chunks))]
+                continue
             for v in values:
                 if isinstance(v, bytes):
                     raise OutgoingMessageBlocked(f"config {record_name}/{key} carries raw bytes")
                 if isinstance(v, str) and set(v.replace(",", " ").split()) & local_ids:
                     raise OutgoingMessageBlocked(f"config {record_name}/{key} names a local stay or patient")
             line["text"][f"{record_name}/{key}"] = value
+    if "secure_aggregation" in line:
+        line["secure_aggregation_sha256"] = masked.hexdigest()
     return line
 
 
@@ -115,11 +156,12 @@ def make_audit_mod(resolve_site: SiteResolver) -> Mod:
     """A Flower client mod that runs the handler, then checks and logs its reply before it leaves."""
 
     def audit_outgoing(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        stage = secure_stage(message)
         reply = call_next(message, context)
         if reply.has_error():
             return reply
         data = resolve_site(context)
-        line = check_outgoing(message, reply, data.local_ids())
+        line = check_outgoing(message, reply, data.local_ids(), masked_only=is_required(context), stage=stage)
         data.settings.state_dir.mkdir(parents=True, exist_ok=True)
         with open(data.settings.state_dir / "outgoing.jsonl", "a") as f:
             f.write(json.dumps(line, default=str) + "\n")

@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     dp = p.add_argument_group("differential privacy (the site's own budget)")
     add_dp_flags(dp, given_only=True)
+    p.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        default=None,
+        help="send model updates and normalisation sums only masked, through Flower's SecAgg+ (plain training "
+        "requests are refused)",
+    )
     p.add_argument("--insecure", action="store_true", default=None, help="no TLS (never with patient data)")
     p.add_argument(
         "--max-restarts",
@@ -156,7 +163,21 @@ def merged_options(args: argparse.Namespace) -> dict:
 def site_config(options: dict) -> dict[str, str]:
     """The site's settings as node-config keys (paths made absolute: the SuperNode runs elsewhere)."""
     config = {}
-    for option in ("dataset", "data", "site", "name", "state_dir", "device", *(dest_of(f) for f in fields(DPSettings))):
+    options = dict(options)
+    if options.get("secure_aggregation"):
+        options["secure_aggregation"] = "true"
+    else:
+        options.pop("secure_aggregation", None)
+    for option in (
+        "dataset",
+        "data",
+        "site",
+        "name",
+        "state_dir",
+        "device",
+        "secure_aggregation",
+        *(dest_of(f) for f in fields(DPSettings)),
+    ):
         value = options.get(option)
         if value is not None:
             config[option.replace("_", "-")] = (

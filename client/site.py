@@ -120,6 +120,7 @@ class SiteSettings:
     split_seed: int = 0
     name: str | None = None  # how the coordinator's reports name this site
     dp: DPSettings | None = None  # None: train without DP
+    secure_aggregation: bool = False  # send updates and normalisation sums only masked (SecAgg+)
 
     def privacy(self, planned_rounds: int) -> DPConfig | None:
         """The site's DP settings for a federation planned to last ``planned_rounds`` rounds.
@@ -173,6 +174,7 @@ class SiteSettings:
             device=get("device", str, "auto"),
             split_seed=get("split-seed", int, 0),
             name=get("name", str),
+            secure_aggregation=node_config_flag(config, "secure-aggregation"),
             dp=dp_settings_from({dest_of(f): dp_values[f.name] for f in fields(DPSettings)}),
         )
 
@@ -181,8 +183,18 @@ class SiteSettings:
         return self.name or self.site or self.dataset
 
 
+def node_config_flag(config: Mapping[str, Any], key: str) -> bool:
+    """A yes/no node-config key: true or false (TOML), or the text "true"/"false" (``--node-config``)."""
+    value = config.get(key, False)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise SiteConfigError(f"node config {key!r}={value!r} must be true or false")
+
+
 NODE_CONFIG_KEYS = frozenset(
-    {"dataset", "state-dir", "data", "site", "device", "split-seed", "name"}
+    {"dataset", "state-dir", "data", "site", "device", "split-seed", "name", "secure-aggregation"}
     | {config_key(f) for f in fields(DPSettings)}
     | set(DEPRECATED_DP_KEYS)
 )

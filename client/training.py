@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update
 
 from client.local_norms import load_local_norms, save_local_norms
 from client.site import LocalData
@@ -140,6 +141,17 @@ def train_locally(
     if plan.local_norms:
         save_local_norms(model, data.settings.state_dir)
     return TrainOutcome(weights_of(model.cpu()), len(data.train), train_loss, privacy)
+
+
+def clipped_as_asked(trained: np.ndarray, received: np.ndarray, config: Mapping[str, object]) -> np.ndarray:
+    """The trained vector with its update clipped to the norm the coordinator's client-side
+    clipping wrapper (``dp-client-fixed``) sends, as Flower's ``fixedclipping_mod`` clips it;
+    unchanged when no norm is asked for. Clipping only removes information, so a site may follow it."""
+    if KEY_CLIPPING_NORM not in config:
+        return trained
+    clipped = [trained.astype(np.float64)]
+    compute_clip_model_update(clipped, [received.astype(np.float64)], float(config[KEY_CLIPPING_NORM]))
+    return clipped[0].astype(trained.dtype)
 
 
 def evaluate_locally(plan: LocalPlan, data: LocalData, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:

@@ -101,6 +101,11 @@ def run_config_defaults(cls: type) -> dict[str, Any]:
     return out
 
 
+def run_config_of(settings: Any) -> dict[str, Any]:
+    """A settings object's values by run-config key (no nested groups), as a run config holds them."""
+    return {config_key(f): _to_config(getattr(settings, f.name)) for f in _fields(type(settings))}
+
+
 def _to_config(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)

@@ -28,6 +28,7 @@ from hymate.settings_fields import add_flags, flag_config
 from server.certs import create_federation_keys
 from server.events import ConsoleProgress
 from server.run_dir import RunDirectory, RunDirError
+from server.secure_aggregation import SecureAggregationSettings
 from server.settings import ServerSettings, SettingsError
 from server.superlink import SuperLink, SuperLinkError, TLSFiles
 from strategies.registry import StrategyError, build_strategy
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategy-option", action="append", default=[], metavar="KEY=VALUE", help="strategy option (repeatable)"
     )
     add_flags(p.add_argument_group("model"), ModelOptions)
+    add_flags(p.add_argument_group("secure aggregation (Flower's SecAgg+)"), SecureAggregationSettings)
     net = p.add_argument_group("network and security")
     net.add_argument(
         "--address",
@@ -126,6 +128,7 @@ def run_config(args: argparse.Namespace) -> dict:
     return (
         flag_config(ServerSettings, args, RUN_FLAGS)
         | flag_config(ModelOptions, args)
+        | flag_config(SecureAggregationSettings, args)
         | {"strategy-options": " ".join(args.strategy_option), "run-dir": str(args.run_dir.resolve())}
     )
 

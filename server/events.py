@@ -105,6 +105,7 @@ _DESCRIBE = {
         f"{_round(e)} done in {e['seconds']:.0f} s: {len(e['trained'])} sites trained ({', '.join(e['trained'])})"
         + (f"; {_metrics(e['evaluate'])}" if e.get("evaluate") else "")
     ),
+    "round-failed": lambda e: f"{_round(e)} failed, the model is kept: {e['reason']}",
     "run-finished": lambda e: f"finished after {e['rounds_completed']} rounds; model card {e['model_card']}",
     "run-failed": lambda e: f"run failed: {e['reason']}",
 }

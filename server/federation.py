@@ -7,6 +7,12 @@ it, (2) write each completed round to disk and (3) resume after a crash with the
 numbers, strategy state and normalisation. Sites are named by their keys (``site_identity``);
 the strategy sees only the nodes admitted to the run; every round, reply, rejection and refusal
 goes to the run's event stream (``events``) as it happens.
+
+With secure aggregation (``server.secure_aggregation``) the normalisation sums and every
+round's updates arrive only as sums: the strategy still picks the sites and turns the mean
+update into the next model, but each of the replies it is handed carries that mean, never one
+site's update, and no single update can be screened. A round whose exchange halts (too few
+sites left to unmask) keeps the model as it was, is recorded as failed, and the next goes on.
 """
 
 from __future__ import annotations
@@ -15,12 +21,13 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
@@ -28,6 +35,14 @@ from flwr.serverapp.strategy import Strategy
 from hymate.data.normalization import MomentSums
 from hymate.model import HyMaTE
 from hymate.model_bundle import ModelBundle
+from hymate.secure_sums import (
+    PHASE_KEY,
+    PHASE_NORMALISATION,
+    PHASE_TRAIN,
+    decode,
+    encoded_length,
+    split_training_payload,
+)
 from hymate.weight_vector import WEIGHTS_KEY, from_vector, to_vector
 from server.events import EventLog
 from server.exchange import send_and_receive
@@ -35,6 +50,7 @@ from server.federation_facts import FederationFacts
 from server.model_card import metrics_table, model_card, render_markdown
 from server.run_dir import RoundCheckpoint, RunDirectory, restore_strategy_state, strategy_state
 from server.screening import DropoutReports, Rejection, Screened, screen_replies
+from server.secure_aggregation import SecureAggregationFailed, SecureAggregator
 from server.settings import ServerSettings
 from server.site_identity import AdmittedGrid, Refusal, SiteIdentities, SiteReply
 from strategies.registry import build_strategy
@@ -94,16 +110,35 @@ def privacy_reports(replies: Iterable[SiteReply]) -> dict[str, dict[str, float]]
     return reports
 
 
-def _query_answer(reply: SiteReply) -> tuple[tuple[tuple[str, ...], tuple[str, ...], str], dict[str, Any], MomentSums]:
-    """(schema, provenance, moment sums) of a screened normalisation reply; ValueError if malformed."""
+def _query_answer(
+    reply: SiteReply, with_moments: bool = True
+) -> tuple[tuple[tuple[str, ...], tuple[str, ...], str], dict[str, Any], MomentSums | None]:
+    """(schema, provenance, moment sums) of a screened normalisation reply; ValueError if malformed.
+
+    ``with_moments=False`` (secure aggregation): the sums come masked, later; any sent here are ignored."""
     content = reply.message.content
+    if with_moments and "moments" not in content.array_records:
+        raise ValueError(
+            "sent no normalisation sums in the clear: the site requires secure aggregation (run with "
+            "--secure-aggregation)"
+        )
     try:
         schema = content["schema"]
         key = (tuple(map(str, schema["variables"])), tuple(map(str, schema["static"])), str(schema["dataset"]))
-        moments = MomentSums.from_arrays(from_record(content["moments"]))
+        moments = MomentSums.from_arrays(from_record(content["moments"])) if with_moments else None
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"malformed normalisation reply ({type(e).__name__}: {e})") from None
     return key, {"dataset": key[2]} | dict(content["metrics"]), moments
+
+
+@dataclass(frozen=True)
+class TrainedReplies:
+    """A training phase's outcome for the round record: the replies the strategy aggregated, the
+    replies from verified sites (for privacy reports) and what each site's row shows."""
+
+    accepted: list[SiteReply]
+    verified: list[SiteReply]
+    per_site: dict[str, dict[str, float]]
 
 
 class Federation:
@@ -118,6 +153,11 @@ class Federation:
         self.grid = AdmittedGrid(grid, self.identities)  # what the strategy sees
         self.strategy: Strategy = build_strategy(settings.strategy, settings.min_clients)
         self.dropouts = DropoutReports()
+        self.secure = (
+            SecureAggregator(self.grid, settings.secure_aggregation, settings.round_timeout, run_id)
+            if settings.secure_aggregation.enabled
+            else None
+        )
 
     def run(self) -> dict[str, Any]:
         s = self.settings
@@ -157,6 +197,7 @@ class Federation:
             facts = self.learn_facts()
             weights = self.initial_weights(facts)
             self.run_dir.write_federation(facts, s)
+        self.facts = facts
         plan = s.plan(facts.build_normalizer()).to_record()
         for server_round in range((done[-1] if done else 0) + 1, s.rounds + 1):
             weights = self.run_round(server_round, weights, plan)
@@ -208,28 +249,32 @@ class Federation:
         ]
         replies = send_and_receive(self.grid, messages, self.settings.round_timeout)
         screened = screen_replies(messages, replies, "query", None, self.identities, self.settings.round_timeout)
-        schemas, provenance, moments = {}, {}, []
+        schemas, provenance, moments, nodes = {}, {}, [], {}
         for reply in list(screened.accepted):
             try:
-                schemas[reply.site], provenance[reply.site], sums = _query_answer(reply)
+                schemas[reply.site], provenance[reply.site], sums = _query_answer(reply, self.secure is None)
             except ValueError as e:
                 screened.accepted.remove(reply)
                 screened.rejected.append(Rejection(reply.node_id, reply.site, "query", str(e), "invalid"))
                 continue
             moments.append(sums)
+            nodes[reply.site] = reply.node_id
         rejected = self._report(0, "query", screened)
-        if len(moments) < self.settings.min_clients:
-            reasons = "; ".join(f"{r.site}: {r.reason}" for r in rejected) or "no replies"
-            raise FederationError(
-                f"only {len(moments)} sites answered the normalisation query; {self.settings.min_clients} required ({reasons})"
-            )
+        self._require_enough_for_query(len(moments), rejected)
         if len(set(schemas.values())) > 1:
             detail = "; ".join(
                 f"{site}: {len(v)} variables, {len(st)} static ({ds})" for site, (v, st, ds) in schemas.items()
             )
             raise FederationError(f"sites disagree on the data schema: {detail}")
         variables, static, dataset = next(iter(schemas.values()))
-        normalizer = MomentSums.merge(*moments).to_normalizer()
+        if self.secure is None:
+            total = MomentSums.merge(*moments)
+        else:
+            total, summed, secure_rejected = self._secure_moments(list(nodes.values()), len(variables), len(static))
+            rejected += secure_rejected
+            provenance = {site: provenance[site] for site in summed}
+            self._require_enough_for_query(len(summed), rejected)
+        normalizer = total.to_normalizer()
         arrays = {
             k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in normalizer.to_arrays().items()
         }
@@ -247,6 +292,31 @@ class Federation:
             query_rejections=[asdict(r) for r in rejected],
         )
 
+    def _require_enough_for_query(self, answered: int, rejected: list[Rejection]) -> None:
+        if answered < self.settings.min_clients:
+            reasons = "; ".join(f"{r.site}: {r.reason}" for r in rejected) or "no replies"
+            raise FederationError(
+                f"only {answered} sites answered the normalisation query; {self.settings.min_clients} required ({reasons})"
+            )
+
+    def _secure_moments(
+        self, nodes: list[int], n_variables: int, n_static: int
+    ) -> tuple[MomentSums, list[str], list[Rejection]]:
+        """The sites' moment sums, summed under secure aggregation: (total, the sites in it, rejections)."""
+        length = 3 * n_variables + 3 * n_static
+        try:
+            secure = self.secure.normalisation_mean(nodes, {PHASE_KEY: PHASE_NORMALISATION}, encoded_length(length))
+        except SecureAggregationFailed as e:
+            raise FederationError(f"the normalisation sums could not be securely aggregated: {e.reason}") from None
+        rejected = self.dropouts.first_reports(Screened([], [], secure.rejected))
+        for r in rejected:
+            self._log_rejection(0, "query", r)
+        totals = decode(secure.mean, len(secure.contributors))
+        cuts = np.cumsum([n_variables] * 3 + [n_static] * 2)
+        sites = [c.site for c in secure.contributors]
+        log.info("normalisation sums of %d sites securely aggregated", len(sites))
+        return MomentSums.from_arrays(np.split(totals, cuts)), sites, rejected
+
     def initial_weights(self, facts: FederationFacts) -> dict[str, np.ndarray]:
         torch.manual_seed(self.settings.seed)
         model = HyMaTE(self.settings.model.for_schema(len(facts.variables), len(facts.static_names)))
@@ -262,11 +332,11 @@ class Federation:
         global_arrays = weights_record(weights)
 
         messages = list(self.strategy.configure_train(server_round, global_arrays, ConfigRecord(plan), self.grid))
-        replies = send_and_receive(self.grid, messages, s.round_timeout)
-        trained = screen_replies(messages, replies, "train", global_arrays, self.identities, s.round_timeout)
-        rejected = self._report(server_round, "train", trained)
-        self._require_enough(server_round, "train", trained.accepted, rejected)
-        new_arrays, _ = self.strategy.aggregate_train(server_round, [r.message for r in trained.accepted])
+        train = self._train_securely if self.secure is not None else self._train
+        try:
+            new_arrays, trained, rejected = train(server_round, global_arrays, messages)
+        except SecureAggregationFailed as e:
+            return self._failed_round(server_round, weights, e, start)
         if new_arrays is None:
             raise FederationError(f"round {server_round}: strategy {s.strategy.name} produced no model")
         new_weights = weights_from(new_arrays, weights)
@@ -285,7 +355,7 @@ class Federation:
             "round": server_round,
             "train": weighted_means(r.message for r in trained.accepted),
             "evaluate": weighted_means(r.message for r in evaluated.accepted),
-            "sites": {"train": per_site(trained.accepted), "evaluate": per_site(evaluated.accepted)},
+            "sites": {"train": trained.per_site, "evaluate": per_site(evaluated.accepted)},
             "privacy": privacy_reports(trained.verified),
             "rejected": [asdict(r) for r in rejected],
             "refused": [asdict(r) for r in self.identities.refusals.values()],
@@ -310,6 +380,84 @@ class Federation:
         )
         return new_weights
 
+    def _train(
+        self, server_round: int, global_arrays: ArrayRecord, messages: list[Message]
+    ) -> tuple[ArrayRecord | None, TrainedReplies, list[Rejection]]:
+        """Plain training: every site's update is screened, then the strategy aggregates them."""
+        replies = send_and_receive(self.grid, messages, self.settings.round_timeout)
+        trained = screen_replies(
+            messages, replies, "train", global_arrays, self.identities, self.settings.round_timeout
+        )
+        rejected = self._report(server_round, "train", trained)
+        self._require_enough(server_round, "train", trained.accepted, rejected)
+        new_arrays, _ = self.strategy.aggregate_train(server_round, [r.message for r in trained.accepted])
+        return new_arrays, TrainedReplies(trained.accepted, trained.verified, per_site(trained.accepted)), rejected
+
+    def _train_securely(
+        self, server_round: int, global_arrays: ArrayRecord, messages: list[Message]
+    ) -> tuple[ArrayRecord | None, TrainedReplies, list[Rejection]]:
+        """Secure training: SecAgg+ reveals the mean update; the strategy is handed one reply per
+        contributing site, each carrying the global model plus that mean and the site's example
+        count, so its weighted mean is the mean (FedAvg) and its optimiser sees one pseudo-gradient."""
+        global_vector = global_arrays[WEIGHTS_KEY].numpy()
+        instructions = {
+            m.metadata.dst_node_id: FitIns(
+                ndarrays_to_parameters([m.content["arrays"][WEIGHTS_KEY].numpy()]),
+                dict(m.content["config"]) | {PHASE_KEY: PHASE_TRAIN},
+            )
+            for m in messages
+        }
+        # The largest site's training stays bound the weights SecAgg+ quantises (its max_weight).
+        largest = max((int(p.get("stays_train", 1)) for p in self.facts.sites.values()), default=1)
+        secure = self.secure.training_mean(server_round, instructions, global_vector.size + 1, largest)
+        verified = [SiteReply(c.node_id, c.site, c.reply) for c in secure.contributors]
+        rejected = self.dropouts.first_reports(Screened([], verified, secure.rejected))
+        for r in rejected:
+            self._log_rejection(server_round, "train", r)
+        self._require_enough(server_round, "train", secure.contributors, rejected)
+        mean_update, mean_loss = split_training_payload(secure.mean)
+        aggregate = (global_vector.astype(np.float64) + mean_update).astype(global_vector.dtype)
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        handed = []
+        for c in secure.contributors:
+            content = RecordDict(
+                {
+                    "arrays": ArrayRecord({WEIGHTS_KEY: Array(aggregate.copy())}),
+                    "metrics": MetricRecord({"num-examples": c.num_examples, "train_loss": mean_loss}),
+                }
+            )
+            handed.append(SiteReply(c.node_id, c.site, Message(content, reply_to=by_node[c.node_id])))
+        for c in secure.contributors:
+            self.events.emit(
+                "reply", round=server_round, phase="train", site=c.site, metrics={"num-examples": c.num_examples}
+            )
+        new_arrays, _ = self.strategy.aggregate_train(server_round, [r.message for r in handed])
+        per_site_examples = {c.site: {"num-examples": c.num_examples} for c in secure.contributors}
+        return new_arrays, TrainedReplies(handed, verified, per_site_examples), rejected
+
+    def _failed_round(
+        self, server_round: int, weights: dict[str, np.ndarray], failure: SecureAggregationFailed, start: float
+    ) -> dict[str, np.ndarray]:
+        """A round whose secure exchange halted: the model stays, the round is recorded as failed."""
+        rejected = self.dropouts.first_reports(Screened([], [], failure.rejected))
+        for r in rejected:
+            self._log_rejection(server_round, "train", r)
+        log.error("round %d/%d failed: %s", server_round, self.settings.rounds, failure.reason)
+        self.events.emit("round-failed", round=server_round, rounds=self.settings.rounds, reason=failure.reason)
+        metrics = {
+            "round": server_round,
+            "failed": failure.reason,
+            "train": {},
+            "evaluate": {},
+            "sites": {"train": {}, "evaluate": {}},
+            "privacy": {},
+            "rejected": [asdict(r) for r in rejected],
+            "refused": [asdict(r) for r in self.identities.refusals.values()],
+            "seconds": time.monotonic() - start,
+        }
+        self.run_dir.write_round(RoundCheckpoint(server_round, weights, strategy_state(self.strategy), metrics))
+        return weights
+
     def _report(self, server_round: int, phase: str, screened: Screened) -> list[Rejection]:
         """Log and stream one phase's replies; the rejections to record (a dropout only once)."""
         for reply in screened.accepted:
@@ -317,17 +465,20 @@ class Federation:
             self.events.emit("reply", round=server_round, phase=phase, site=reply.site, metrics=metrics)
         rejected = self.dropouts.first_reports(screened)
         for r in rejected:
-            log.warning(
-                "round %d %s: rejected %s (node %d, %s): %s", server_round, phase, r.site, r.node_id, r.cause, r.reason
-            )
-            self.events.emit("rejected", round=server_round, phase=phase, site=r.site, cause=r.cause, reason=r.reason)
+            self._log_rejection(server_round, phase, r)
         return rejected
+
+    def _log_rejection(self, server_round: int, phase: str, r: Rejection) -> None:
+        log.warning(
+            "round %d %s: rejected %s (node %d, %s): %s", server_round, phase, r.site, r.node_id, r.cause, r.reason
+        )
+        self.events.emit("rejected", round=server_round, phase=phase, site=r.site, cause=r.cause, reason=r.reason)
 
     def _refused(self, refusal: Refusal) -> None:
         self.events.emit("refused", site=refusal.site, node_id=refusal.node_id, reason=refusal.reason)
 
     def _require_enough(
-        self, server_round: int, phase: str, accepted: list[SiteReply], rejected: list[Rejection]
+        self, server_round: int, phase: str, accepted: Sequence[Any], rejected: list[Rejection]
     ) -> None:
         if len(accepted) < self.settings.min_clients:
             reasons = "; ".join(f"{r.site}: {r.reason}" for r in rejected) or "no replies"

@@ -143,7 +143,9 @@ def model_card(
     history: list[dict[str, Any]], settings: ServerSettings, facts: FederationFacts, model_path: Path, run_id: int = 0
 ) -> dict[str, Any]:
     """The card of the run whose rounds are ``history`` and whose saved model is ``model_path``."""
-    last = history[-1] if history else {"sites": {EVALUATE: {}}, EVALUATE: {}}
+    evaluated = [entry for entry in history if "failed" not in entry]
+    last = evaluated[-1] if evaluated else {"sites": {EVALUATE: {}}, EVALUATE: {}}
+    secure = settings.secure_aggregation
     return {
         "model": "HyMaTE (hybrid Mamba + Transformer) for binary outcomes from ICU stays",
         "run": {
@@ -173,7 +175,12 @@ def model_card(
             "local_norms": settings.local_norms,
             "min_clients": settings.min_clients,
             "model": settings.model,
+            # With secure aggregation the coordinator saw only sums of updates and normalisation sums.
+            "secure_aggregation": secure.as_record() if secure.enabled else None,
         },
+        "failed_rounds": [
+            {"round": entry["round"], "reason": entry["failed"]} for entry in history if "failed" in entry
+        ],
         "identity": identity_summary(facts),
         "normaliser_sites": sorted(facts.sites),
         "rounds_by_site": rounds_by_site(history),
@@ -209,6 +216,7 @@ def render_markdown(card: dict[str, Any], model_file: str) -> str:
         f"{t['local_epochs']} local epoch(s) per round, batch size {t['batch_size']}, learning rate {t['learning_rate']}, "
         f"seed {t['seed']}, at least {t['min_clients']} sites per round.",
         f"Model: {', '.join(f'{k} {v}' for k, v in t['model'].items())}.",
+        _secure_aggregation_line(t["secure_aggregation"]),
         "",
         "## Sites (aggregate provenance, no patient data)",
         "",
@@ -242,6 +250,9 @@ def render_markdown(card: dict[str, Any], model_file: str) -> str:
     lines.append(
         f"| weighted mean | | {_fmt(mean.get('auroc'))} | {_fmt(mean.get('auprc'))} | {_fmt(mean.get('loss'))} |"
     )
+    if card["failed_rounds"]:
+        lines += ["", "## Failed rounds (the model was kept as it was)", ""]
+        lines += [f"- round {r['round']}: {r['reason']}" for r in card["failed_rounds"]]
     if card["rejected_replies"]:
         lines += ["", "## Rejected replies", ""]
         lines += [f"- {r['site']} ({r['phase']}): {r['reason']}" for r in card["rejected_replies"]]
@@ -249,6 +260,15 @@ def render_markdown(card: dict[str, Any], model_file: str) -> str:
         lines += ["", "## Nodes refused for this run", ""]
         lines += [f"- {r['site']} (node {r['node_id']}): {r['reason']}" for r in card["refused_nodes"]]
     return "\n".join(lines) + "\n"
+
+
+def _secure_aggregation_line(secure: dict[str, Any] | None) -> str:
+    if not secure:
+        return "Secure aggregation: off (the coordinator saw each site's update and normalisation sums)."
+    return (
+        "Secure aggregation: on (Flower's SecAgg+; the coordinator saw only sums of the sites' updates and "
+        f"normalisation sums): {', '.join(f'{k} {v}' for k, v in secure.items())}."
+    )
 
 
 def _ci(interval: Any) -> str:

@@ -82,9 +82,13 @@ def _content_problem(content: RecordDict, phase: str, reference: ArrayRecord | N
         if not all(math.isfinite(v) or (key in MAY_BE_UNDEFINED and math.isnan(v)) for v in values):
             return f"metric {key!r} is not finite ({value!r})"
     if phase == "query":
-        if set(content.array_records) != {"moments"} or "schema" not in content.config_records:
-            return "a normalisation reply must carry exactly the 'moments' arrays and a 'schema'"
-        if not all(np.isfinite(a.numpy()).all() for a in content["moments"].values()):
+        # The moments are absent under secure aggregation (they travel masked); the federation
+        # decides whether it needs them.
+        if set(content.array_records) - {"moments"} or "schema" not in content.config_records:
+            return "a normalisation reply must carry a 'schema' and no arrays but the 'moments'"
+        if "moments" in content.array_records and not all(
+            np.isfinite(a.numpy()).all() for a in content["moments"].values()
+        ):
             return "normalisation moments hold non-finite values"
         return None
     if reference is None:

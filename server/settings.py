@@ -17,7 +17,8 @@ from typing import Any
 from hymate.local_plan import LocalPlan
 from hymate.model import ModelOptions
 from hymate.settings_fields import RunConfigError, config_key, default_of, from_run_config, setting
-from strategies.registry import StrategySpec
+from server.secure_aggregation import SecureAggregationSettings
+from strategies.registry import StrategyError, StrategySpec, check_secure_aggregation
 
 SettingsError = RunConfigError  # a run-config key has a wrong type or value; names the key
 
@@ -64,6 +65,7 @@ class ServerSettings:
     local_norms: bool = setting(
         _plan_default("local_norms"), help="FedBN: every site keeps its own normalisation layers"
     )
+    secure_aggregation: SecureAggregationSettings = setting(default_factory=SecureAggregationSettings, group=True)
     #: Set by hymate-sim: the partitions its virtual sites hold (empty for real deployments).
     simulation_manifest: str = ""
 
@@ -77,6 +79,13 @@ class ServerSettings:
         if self.min_connected < 0:
             raise SettingsError(f"min-connected must not be negative, got {self.min_connected}")
         self.strategy  # noqa: B018  (a malformed strategy option fails here, naming itself)
+        if self.secure_aggregation.enabled:
+            if self.min_clients < 2:
+                raise SettingsError("secure aggregation needs min-clients of at least 2: one site's sum is its update")
+            try:
+                check_secure_aggregation(self.strategy)
+            except StrategyError as e:
+                raise SettingsError(str(e)) from None
 
     @property
     def strategy(self) -> StrategySpec:

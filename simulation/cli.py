@@ -24,11 +24,12 @@ from hymate.data import DEFAULT_CACHE_DIR, DataError
 from hymate.model import ModelOptions
 from hymate.settings_fields import add_flags, flag_values
 from hymate.train import TrainConfig
+from server.secure_aggregation import SecureAggregationSettings
 from simulation.engine import EngineSettings, SimulationError
 from simulation.partitioners import PartitionError, PartitionScheme
 from simulation.protocols import PROTOCOLS, Experiment, SimulationSpec, site_summary
 from simulation.report import results_frame, write_report
-from strategies.registry import StrategyError, StrategySpec, build_strategy
+from strategies.registry import StrategyError, StrategySpec, build_strategy, check_secure_aggregation
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dp_flags(p.add_argument_group("differential privacy at every virtual site"))
     add_flags(p.add_argument_group("model"), ModelOptions)
     add_flags(p.add_argument_group("local training"), TrainConfig, TRAIN_FLAGS)
+    add_flags(p.add_argument_group("secure aggregation (Flower's SecAgg+)"), SecureAggregationSettings)
     add_deprecated_alias(p, "--lr", "--learning-rate")
     engine = p.add_argument_group("simulation engine")
     engine.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), help="existing Ray cluster HOST:PORT")
@@ -113,6 +115,9 @@ def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
     protocols = list(PROTOCOLS) if "all" in protocols else [x for item in protocols for x in item.split(",")]
     strategy = StrategySpec.parse(args.strategy, args.strategy_option)
     build_strategy(strategy, 1)  # an unknown strategy or option fails here, before any training
+    secure = SecureAggregationSettings(**flag_values(SecureAggregationSettings, args))
+    if secure.enabled:
+        check_secure_aggregation(strategy)
     return SimulationSpec(
         out=output_folder(args.out),
         dataset=args.dataset,
@@ -135,6 +140,7 @@ def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
         engine=EngineSettings(cpus_per_client=args.cpus_per_client, ray_address=args.ray_address, timeout=args.timeout),
         privacy=privacy_settings(args),
         min_sites=args.min_sites,
+        secure_aggregation=secure,
     )
 
 

@@ -33,8 +33,10 @@ from hymate.data.batches import StayDataset, make_loader
 from hymate.data.stays import StayTable
 from hymate.model import HyMaTE, ModelOptions
 from hymate.model_bundle import ModelBundle
+from hymate.settings_fields import run_config_of
 from hymate.train import TrainConfig, fit, positive_class_weight
 from server.run_dir import RunDirectory
+from server.secure_aggregation import SecureAggregationSettings
 from simulation.engine import EngineSettings, simulate_federation
 from simulation.evaluation import metric_rows, predict, variable_importance
 from simulation.partitioners import PartitionScheme, partition_stays
@@ -68,6 +70,7 @@ class SimulationSpec:
     bootstrap: int = 200
     privacy: DPSettings | None = None  # DP settings of every virtual site (None: no DP)
     min_sites: int | None = None  # sites that must reply in a federated round (default: all)
+    secure_aggregation: SecureAggregationSettings = field(default_factory=SecureAggregationSettings)
     # Each site's split is stratified by label, so its val and test splits hold both classes
     # whenever it has three patients of each. One with fewer (a natural unit with two deaths, a
     # label-skewed virtual site) cannot: a loud warning carried into results.csv, sites.csv and
@@ -275,7 +278,7 @@ class Experiment:
             "heads": spec.model.n_heads,
             "dropout": spec.model.dropout,
             "scan-backend": spec.model.scan_backend,
-        }
+        } | run_config_of(spec.secure_aggregation)
         partitions = {n: [str(s) for s in self.table.stay_ids[self.site_rows[n]]] for n in names}
         run_dir = spec.out / "runs" / label
         with tqdm(total=spec.rounds, desc=f"{label}: rounds ({len(names)} sites)", unit="round") as bar:

@@ -6,9 +6,14 @@ own subclass of ``flwr.serverapp.strategy.Strategy``. Options arrive as strings
 constructor's signature and converted to its annotated types, so a typo is an error that
 lists what is valid instead of a silently ignored setting.
 
-Central differential privacy (the trusted-server threat model) wraps a base strategy in
-Flower's server-side clipping: ``dp-fixed`` (fixed clipping norm) or ``dp-adaptive``
-(clipping norm adapted to a target quantile), with ``base=NAME`` naming the wrapped one.
+Central differential privacy wraps a base strategy (``base=NAME``) in one of Flower's wrappers:
+server-side clipping, ``dp-fixed`` (fixed clipping norm) or ``dp-adaptive`` (clipping norm
+adapted to a target quantile), which trusts the coordinator with every update; or client-side
+clipping, ``dp-client-fixed``, where each site clips its own update to the norm the wrapper
+sends and the coordinator adds the noise to the sum.
+
+Under secure aggregation the coordinator sees only the example-weighted mean of the sites'
+updates, so only strategies that need nothing else can run (``check_secure_aggregation``).
 """
 
 from __future__ import annotations
@@ -41,7 +46,22 @@ STRATEGIES: dict[str, type[Strategy]] = {
 CENTRAL_DP_WRAPPERS: dict[str, type[Strategy]] = {
     "dp-fixed": flwr_strategies.DifferentialPrivacyServerSideFixedClipping,
     "dp-adaptive": flwr_strategies.DifferentialPrivacyServerSideAdaptiveClipping,
+    "dp-client-fixed": flwr_strategies.DifferentialPrivacyClientSideFixedClipping,
 }
+
+#: What each strategy that cannot run under secure aggregation needs from single updates.
+NEEDS_SINGLE_UPDATES: dict[str, str] = {
+    "fedmedian": "takes the coordinate-wise median of the single updates",
+    "fedtrimmedavg": "drops the largest and smallest single updates before averaging",
+    "krum": "scores every single update by its distance to the others",
+    "multikrum": "scores every single update by its distance to the others",
+    "bulyan": "selects single updates by Krum and trims them",
+    "qfedavg": "weights every site by its own loss and update norm",
+    "dp-fixed": "clips every single update at the coordinator (use dp-client-fixed: the sites clip)",
+    "dp-adaptive": "clips every single update at the coordinator and counts the clipped ones",
+}
+#: Strategies whose aggregation is a function of the weighted sum alone (and subclasses of them).
+WEIGHTED_SUM_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "dp-client-fixed")
 
 # Set by the federation, not by users: how many sites must take part, and record keys.
 MANAGED_OPTIONS = frozenset(
@@ -113,6 +133,25 @@ def resolve_class(name: str) -> type[Strategy]:
             raise StrategyError(f"{name!r} is not a subclass of flwr.serverapp.strategy.Strategy")
         return cls
     raise StrategyError(f"unknown strategy {name!r}; valid: {', '.join(available())}, or module:Class")
+
+
+def check_secure_aggregation(spec: StrategySpec) -> None:
+    """StrategyError unless ``spec`` (and the base it wraps) needs only the weighted sum of the updates."""
+    names = [spec.name]
+    if spec.name.lower() in CENTRAL_DP_WRAPPERS:
+        names.append(spec.options.get("base", "fedavg"))
+    for name in names:
+        why = NEEDS_SINGLE_UPDATES.get(name.lower())
+        if why is None and name.lower() not in WEIGHTED_SUM_STRATEGIES:
+            allowed = tuple(STRATEGIES.get(n) or CENTRAL_DP_WRAPPERS[n] for n in WEIGHTED_SUM_STRATEGIES)
+            cls = resolve_class(name)
+            if not issubclass(cls, allowed):
+                why = "is not a subclass of a weighted-sum strategy, so it may need single updates"
+        if why is not None:
+            raise StrategyError(
+                f"strategy {name!r} cannot run under secure aggregation: the coordinator sees only the weighted "
+                f"sum of the sites' updates, and {name} {why}; use one of {', '.join(WEIGHTED_SUM_STRATEGIES)}"
+            )
 
 
 def build_strategy(spec: StrategySpec, min_clients: int) -> Strategy:

@@ -94,7 +94,7 @@ class Deployment:
         self.processes.append(process)
         return process
 
-    def start_server(self, *extra: str, resume: bool = False) -> subprocess.Popen:
+    def start_server(self, *extra: str, resume: bool = False, env: dict[str, str] | None = None) -> subprocess.Popen:
         args = [
             BIN / "hymate-server",
             "--run-dir",
@@ -120,7 +120,7 @@ class Deployment:
             "-v",
             *extra,
         ]
-        return self._start(args + (["--resume"] if resume else []), "server.log")
+        return self._start(args + (["--resume"] if resume else []), "server.log", env)
 
     def start_client(self, i: int, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         """Site ``i`` (1-based) holds the synthetic data's site-(i-1)."""

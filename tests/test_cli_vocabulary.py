@@ -160,3 +160,22 @@ def test_the_sims_dp_flags_reach_every_virtual_site_as_dp_settings(tmp_path):
         privacy=dataclasses.asdict(spec.privacy),
     ).save(manifest)
     assert open_partition(str(manifest), 0).settings.dp == spec.privacy
+
+
+def test_secure_aggregation_has_one_flag_on_all_three_commands_and_reaches_each_side(tmp_path):
+    argv = ["--secure-aggregation", "--secagg-reconstruction-threshold", "0.8"]
+    server = server_cli.run_config(server_cli.build_parser().parse_args(["--run-dir", "r", *argv]))
+    assert server["secure-aggregation"] is True and server["secagg-reconstruction-threshold"] == 0.8
+    spec = sim_cli.spec_from_args(sim_cli.build_parser().parse_args(["--out", str(tmp_path / "sim"), *argv]))
+    assert spec.secure_aggregation.enabled and spec.secure_aggregation.reconstruction_threshold == 0.8
+    with pytest.raises(ValueError, match="'krum' cannot run under secure aggregation"):
+        sim_cli.spec_from_args(sim_cli.build_parser().parse_args(["--strategy", "krum", *argv]))
+    options = client_cli.merged_options(
+        client_cli.build_parser().parse_args(
+            ["--dataset", "synthetic", "--state-dir", str(tmp_path), "--secure-aggregation"]
+        )
+    )
+    config = client_cli.site_config(options)
+    assert config["secure-aggregation"] == "true"
+    assert SiteSettings.from_node_config(config).secure_aggregation is True
+    assert "secure-aggregation" not in client_cli.site_config({"dataset": "synthetic", "state_dir": str(tmp_path)})

@@ -85,5 +85,6 @@ def test_available_names_cover_the_design():
         "qfedavg",
         "dp-fixed",
         "dp-adaptive",
+        "dp-client-fixed",
     }
     assert set(available()) == expected
