@@ -173,6 +173,8 @@ def model_card(
             "local_norms": settings.local_norms,
             "min_clients": settings.min_clients,
             "model": settings.model,
+            "init_from": initialisation_record(settings.initialisation.init_from),
+            "freeze": settings.freeze,
         },
         "identity": identity_summary(facts),
         "normaliser_sites": sorted(facts.sites),
@@ -187,6 +189,11 @@ def model_card(
         "rejected_replies": facts.query_rejections + [r for entry in history for r in entry["rejected"]],
         "refused_nodes": refused_nodes(history),
     }
+
+
+def initialisation_record(init_from: str) -> dict[str, str] | None:
+    """Which checkpoint the run started from (its path and SHA-256), or None for random weights."""
+    return {"path": init_from, "sha256": sha256_of(Path(init_from))} if init_from else None
 
 
 def render_markdown(card: dict[str, Any], model_file: str) -> str:
@@ -209,6 +216,11 @@ def render_markdown(card: dict[str, Any], model_file: str) -> str:
         f"{t['local_epochs']} local epoch(s) per round, batch size {t['batch_size']}, learning rate {t['learning_rate']}, "
         f"seed {t['seed']}, at least {t['min_clients']} sites per round.",
         f"Model: {', '.join(f'{k} {v}' for k, v in t['model'].items())}.",
+        (
+            f"Initial weights: `{t['init_from']['path']}` (SHA-256 `{t['init_from']['sha256']}`), frozen: {t['freeze']}."
+            if t.get("init_from")
+            else "Initial weights: random."
+        ),
         "",
         "## Sites (aggregate provenance, no patient data)",
         "",

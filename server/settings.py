@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from hymate.local_plan import LocalPlan
-from hymate.model import ModelOptions
+from hymate.model import FREEZE_CHOICES, ModelOptions
+from hymate.model_bundle import Initialisation
 from hymate.settings_fields import RunConfigError, config_key, default_of, from_run_config, setting
 from strategies.registry import StrategySpec
 
@@ -64,6 +65,13 @@ class ServerSettings:
     local_norms: bool = setting(
         _plan_default("local_norms"), help="FedBN: every site keeps its own normalisation layers"
     )
+    freeze: str = setting(
+        _plan_default("freeze"),
+        choices=FREEZE_CHOICES,
+        help="keep this part of the --init-from model fixed at every site (embeddings: the triplet "
+        "embeddings; backbone: embeddings, Mamba and attention blocks)",
+    )
+    initialisation: Initialisation = setting(default_factory=Initialisation, group=True)
     #: Set by hymate-sim: the partitions its virtual sites hold (empty for real deployments).
     simulation_manifest: str = ""
 
