@@ -218,10 +218,13 @@ def pretrain(table: StayTable, model_options: ModelOptions, config: PretrainConf
     device = select_device(config.device)
     model.to(device)
     optimizer = make_optimizer(model, TrainConfig(learning_rate=config.learning_rate, weight_decay=config.weight_decay))
-    steps = config.epochs * len(train_loader)
+    # Cosine decay over the steps that fit: all epochs, or (re-estimated after every epoch from
+    # the time a step took) those that fit in max_minutes, so a time-bounded run still ends cool.
+    planned = [config.epochs * len(train_loader)]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / planned[0], 1.0)))
     )
+    steps_done = 0
     log.info(
         "pre-training HyMaTE (%d parameters) on %d stays (%d held out), %d variables",
         sum(p.numel() for p in model.encoder.parameters()),
@@ -243,11 +246,15 @@ def pretrain(table: StayTable, model_options: ModelOptions, config: PretrainConf
             nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
             optimizer.step()
             scheduler.step()
+            steps_done += 1
             total, count = total + error.item(), count + n.item()
             if time.perf_counter() > deadline:
                 out_of_time = True
                 break
         trim_heap()
+        per_step = (time.perf_counter() - start) / steps_done
+        fit = steps_done + int((deadline - time.perf_counter()) / per_step)
+        planned[0] = max(steps_done, min(config.epochs * len(train_loader), fit))
         val_loss, mean_loss = forecast_loss(model, val_loader, device)
         history.append(
             {
