@@ -24,8 +24,10 @@ Choices a reader should know about:
 - Units are the US conventional ones every source already uses in its data; the published
   PhysioNet documentation disagrees with the data in places (PhysioNet 2019 lists FiO2 in %,
   Lactate in mg/dL and Magnesium in mmol/dL, PhysioNet 2012 Mg in mmol/L, but their values are
-  fractions, mmol/L and mg/dL: medians 0.50, 1.8 and 2.0 in the real files), and the table
-  follows the data. MIMIC-IV's Fahrenheit temperatures (item 223761) are converted by its
+  fractions, mmol/L and mg/dL: medians 0.50, 2.0 and 2.0 in the real files), and the table
+  follows the data. One mix no name-based table can undo: 14 % of PhysioNet 2019's Calcium
+  values look like ionised calcium in mmol/L (median 1.18, against 8.4 mg/dL for the rest);
+  they stay as recorded. MIMIC-IV's Fahrenheit temperatures (item 223761) are converted by its
   loader with ``FAHRENHEIT_TO_CELSIUS`` from here, so its own vocabulary already has one unit
   per variable.
 - Statics: ``Age``, ``Gender`` (1 male, 0 female), ``Height`` (cm), ``Weight`` (kg, at
