@@ -263,12 +263,14 @@ def pretrain(table: StayTable, model_options: ModelOptions, config: PretrainConf
                 "val_mse": val_loss,
                 "val_mse_of_the_mean": mean_loss,
                 "seconds": time.perf_counter() - start,
+                "steps": steps_done,
                 "complete": not out_of_time,
             }
         )
         log.info(
-            "epoch %d: train MSE %.4f, validation MSE %.4f (forecasting the mean: %.4f), %.0f s%s",
+            "epoch %d (%d steps): train MSE %.4f, validation MSE %.4f (forecasting the mean: %.4f), %.0f s%s",
             epoch,
+            steps_done,
             history[-1]["train_mse"],
             val_loss,
             mean_loss,

@@ -155,3 +155,11 @@ def test_the_readme_shows_the_mapping_table_as_the_code_has_it():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert markdown_table() in readme
+
+
+def test_gradient_boosting_fits_a_table_with_variables_its_source_never_records(tmp_path):
+    from hymate.baseline import fit_gradient_boosting, predict_gradient_boosting
+
+    table = load_shared("physionet2012", write_p12(tmp_path))  # no SpO2, Cl, ... in PhysioNet 2012
+    probs = predict_gradient_boosting(fit_gradient_boosting(table), table)
+    assert probs.shape == (len(table),) and np.isfinite(probs).all()
