@@ -5,6 +5,7 @@ test on set-a. Both models see the same stays; the baseline is scikit-learn's
 HistGradientBoostingClassifier on per-variable summaries (hymate.baseline).
 
     python bench/p12.py [--data DIR] [--epochs N] [--seeds 0 1 2]
+    python bench/p12.py --vocabulary shared --init-from runs/pretrain/p19/model.pt [--freeze embeddings]
 
 DIR defaults to .cache/data/physionet2012, unpacked from ../shared/data/physionet2012.tar.gz
 when that archive is there.
@@ -21,9 +22,11 @@ from pathlib import Path
 
 from hymate.baseline import fit_gradient_boosting, predict_gradient_boosting
 from hymate.centralized import train_centralized
-from hymate.data import load_dataset, split_stays
+from hymate.data import VocabularyChoice, load_dataset, split_stays
 from hymate.metrics import auprc, auroc
 from hymate.model import ModelOptions
+from hymate.model_bundle import Initialisation
+from hymate.settings_fields import add_flags
 from hymate.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,14 +55,17 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
     p.add_argument("--dropout", type=float, default=ModelOptions.dropout)
     p.add_argument("--max-events", type=int, default=TrainConfig.max_events)
+    add_flags(p, VocabularyChoice)
+    add_flags(p, Initialisation)
+    add_flags(p, TrainConfig, ("freeze",))
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
 
     root = ensure_data(args.data)
     t0 = time.perf_counter()
-    development = load_dataset("physionet2012", root, sets=("b", "c"))
-    test = load_dataset("physionet2012", root, sets=("a",))
+    development = load_dataset("physionet2012", root, sets=("b", "c"), vocabulary=args.vocabulary)
+    test = load_dataset("physionet2012", root, sets=("a",), vocabulary=args.vocabulary)
     print(f"loaded {len(development)} development and {len(test)} test stays in {time.perf_counter() - t0:.1f} s")
 
     print(f"{'model':<34}{'seed':>5}{'AUROC':>8}{'AUPRC':>8}{'wall s':>9}")
@@ -83,11 +89,13 @@ def main() -> None:
             learning_rate=args.lr,
             max_events=args.max_events,
             seed=seed,
+            freeze=args.freeze,
         )
-        result = train_centralized(train, val, {"set-a": test}, model, config)
+        result = train_centralized(train, val, {"set-a": test}, model, config, args.init_from)
         ev = result.test["set-a"]
+        start = f", from {Path(args.init_from).parent.name}, freeze {args.freeze}" if args.init_from else ""
         print(
-            f"{'HyMaTE (best epoch ' + str(result.fit.best_epoch) + ')':<34}{seed:>5}{ev.auroc:>8.4f}{ev.auprc:>8.4f}{result.seconds:>9.1f}"
+            f"{'HyMaTE (best epoch ' + str(result.fit.best_epoch) + start + ')':<34}{seed:>5}{ev.auroc:>8.4f}{ev.auprc:>8.4f}{result.seconds:>9.1f}"
         )
 
 

@@ -54,10 +54,10 @@ from client.supernode_errors import (
     read_log_tail,
 )
 from hymate.cli_options import add_deprecated_alias, config_file_options
-from hymate.data import DataError
+from hymate.data import DataError, VocabularyChoice
 from hymate.privacy import LedgerError, PrivacyLedger
 from hymate.processes import free_port, start_child, stop_child
-from hymate.settings_fields import dest_of
+from hymate.settings_fields import add_flags, dest_of
 
 log = logging.getLogger("hymate-client")
 
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", help="coordinator HOST:PORT")
     p.add_argument("--dataset", help="synthetic, physionet2012, ...")
     p.add_argument("--data", type=Path, help="folder with the site's raw files")
+    add_flags(p, VocabularyChoice, defaults={"vocabulary": None})
     p.add_argument("--site", help="use only this site's stays of the dataset (pilots, tests)")
     p.add_argument("--name", help="how the coordinator's reports name this site")
     p.add_argument("--state-dir", type=Path, help="the site's own state: caches, privacy ledger, audit log")
@@ -171,6 +172,7 @@ def site_config(options: dict) -> dict[str, str]:
     for option in (
         "dataset",
         "data",
+        "vocabulary",
         "site",
         "name",
         "state_dir",

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from hymate.data import DataError, LoadSummary, load_dataset, split_stays
+from hymate.data import VOCABULARIES, DataError, LoadSummary, VocabularyChoice, load_dataset, split_stays
 from hymate.data.stays import StayTable
 from hymate.privacy.calibration import ACCOUNTANTS, DPConfig
-from hymate.settings_fields import add_flags, config_key, dest_of, field_kind, flag_values, setting
+from hymate.settings_fields import add_flags, config_key, default_of, dest_of, field_kind, flag_values, setting
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,16 @@ class SiteSettings:
     name: str | None = None  # how the coordinator's reports name this site
     dp: DPSettings | None = None  # None: train without DP
     secure_aggregation: bool = False  # send updates and normalisation sums only masked (SecAgg+)
+    # How the site reads its data: its source's own names and units, or the shared clinical
+    # vocabulary (every site of a federation must read the same; the coordinator checks).
+    vocabulary: str = default_of(VocabularyChoice, "vocabulary")
+
+    def __post_init__(self) -> None:
+        if self.vocabulary not in VOCABULARIES:
+            raise SiteConfigError(
+                f"vocabulary={self.vocabulary!r} must be one of {', '.join(VOCABULARIES)} "
+                "(hymate-client --vocabulary, node config 'vocabulary')"
+            )
 
     def privacy(self, planned_rounds: int) -> DPConfig | None:
         """The site's DP settings for a federation planned to last ``planned_rounds`` rounds.
@@ -175,6 +185,7 @@ class SiteSettings:
             split_seed=get("split-seed", int, 0),
             name=get("name", str),
             secure_aggregation=node_config_flag(config, "secure-aggregation"),
+            vocabulary=get("vocabulary", str, default_of(VocabularyChoice, "vocabulary")),
             dp=dp_settings_from({dest_of(f): dp_values[f.name] for f in fields(DPSettings)}),
         )
 
@@ -194,7 +205,7 @@ def node_config_flag(config: Mapping[str, Any], key: str) -> bool:
 
 
 NODE_CONFIG_KEYS = frozenset(
-    {"dataset", "state-dir", "data", "site", "device", "split-seed", "name", "secure-aggregation"}
+    {"dataset", "state-dir", "data", "site", "device", "split-seed", "name", "secure-aggregation", "vocabulary"}
     | {config_key(f) for f in fields(DPSettings)}
     | set(DEPRECATED_DP_KEYS)
 )
@@ -237,7 +248,13 @@ def open_site(settings: SiteSettings) -> LocalData:
     """Load, validate and split the site's data (cached for the life of the process)."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     summary = LoadSummary(source=settings.dataset)
-    table = load_dataset(settings.dataset, settings.data, cache_dir=settings.state_dir / "parsed", summary=summary)
+    table = load_dataset(
+        settings.dataset,
+        settings.data,
+        cache_dir=settings.state_dir / "parsed",
+        summary=summary,
+        vocabulary=settings.vocabulary,
+    )
     if settings.site is not None:
         if settings.site not in table.site_names():
             raise DataError(

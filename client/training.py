@@ -84,6 +84,7 @@ def _train_config(plan: LocalPlan, data: LocalData) -> TrainConfig:
         max_events=plan.max_events,
         device=data.settings.device,
         seed=plan.seed,
+        freeze=plan.freeze,
     )
 
 

@@ -43,8 +43,13 @@ def summary_features(table: StayTable) -> np.ndarray:
 
 
 def fit_gradient_boosting(train: StayTable, seed: int = 0) -> HistGradientBoostingClassifier:
+    """Columns no training stay fills (a shared-vocabulary variable the source never records)
+    become 0 for the fit: they carry no information, and scikit-learn's binning fails on a
+    column with no value at all. The model never splits on them, so predictions ignore them."""
+    features = summary_features(train)
+    features[:, np.isnan(features).all(axis=0)] = 0.0
     model = HistGradientBoostingClassifier(random_state=seed)
-    return model.fit(summary_features(train), train.labels)
+    return model.fit(features, train.labels)
 
 
 def predict_gradient_boosting(model: HistGradientBoostingClassifier, table: StayTable) -> np.ndarray:

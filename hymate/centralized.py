@@ -16,6 +16,7 @@ from hymate.data.batches import StayDataset, make_loader
 from hymate.data.normalization import MomentSums, Normalizer
 from hymate.data.stays import StayTable
 from hymate.model import HyMaTE, ModelOptions
+from hymate.model_bundle import initial_weights
 from hymate.train import (
     Evaluation,
     FitResult,
@@ -44,8 +45,14 @@ def train_centralized(
     tests: dict[str, StayTable],
     model_options: ModelOptions,
     config: TrainConfig,
+    init_from: str = "",
 ) -> CentralizedResult:
-    """Fit HyMaTE on ``train`` with early stopping on ``val``; evaluate on each named test set."""
+    """Fit HyMaTE on ``train`` with early stopping on ``val``; evaluate on each named test set.
+
+    ``init_from``: a checkpoint (``model.pt``) to start from instead of random weights, e.g. a
+    pre-trained one; ``config.freeze`` then keeps part of it fixed. The normaliser is always the
+    training stays' own, as in a federation (the sites' sums), so z-scores mean the same here and
+    there; the checkpoint's is used only to score with it as it is (``ModelBundle``)."""
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     normalizer = MomentSums.from_table(train).to_normalizer()
@@ -53,9 +60,12 @@ def train_centralized(
     train_loader = make_loader(StayDataset(train, normalizer, config.max_events), config.batch_size, True, config.seed)
     val_loader = make_loader(StayDataset(val, normalizer, config.max_events), 2 * config.batch_size, False)
     model = HyMaTE(model_options.for_table(train))
+    if init_from:
+        model.load_state_dict(initial_weights(init_from, model_options, train.variables, train.static_names))
     log.info(
-        "HyMaTE with %d parameters; %d train, %d validation stays",
+        "HyMaTE with %d parameters%s; %d train, %d validation stays",
         sum(p.numel() for p in model.parameters()),
+        f" from {init_from}" if init_from else "",
         len(train),
         len(val),
     )

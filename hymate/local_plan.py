@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from hymate.data.normalization import Normalizer
-from hymate.model import ModelOptions
+from hymate.model import FREEZE_CHOICES, ModelOptions
 from hymate.settings_fields import default_of, setting
 from hymate.train import TrainConfig
 
@@ -45,6 +45,9 @@ class LocalPlan:
     seed: int = setting(default_of(TrainConfig, "seed"))
     planned_rounds: int = 1  # how long the federation is planned to last (DP sites calibrate noise to it)
     local_norms: bool = setting(False, help="FedBN: every site keeps its own normalisation layers")
+    freeze: str = setting(
+        default_of(TrainConfig, "freeze"), choices=FREEZE_CHOICES, help="part of the model every site keeps fixed"
+    )
 
     def to_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {f"model.{f.name}": getattr(self.model, f.name) for f in fields(ModelOptions)}

@@ -88,6 +88,28 @@ class ModelOptions:
         )
 
 
+# What fine-tuning may keep fixed (``TrainConfig.freeze``): the triplet embedding alone, or the
+# whole sequence encoder (embedding, Mamba and attention blocks). Pooling, the final norm, the
+# static encoder and the head always train: a pre-trained model never saw the task's label.
+FREEZE_CHOICES: tuple[str, ...] = ("none", "embeddings", "backbone")
+_FROZEN_MODULES = {"none": (), "embeddings": ("embedding",), "backbone": ("embedding", "mamba", "attention")}
+
+
+def freeze(model: HyMaTE, part: str) -> list[str]:
+    """Mark the parameters of ``part`` (one of ``FREEZE_CHOICES``) ``requires_grad=False`` and
+    every other one trainable; returns the frozen parameters' names. Frozen parameters get no
+    gradient, so neither the optimiser nor DP-SGD's noise changes them."""
+    if part not in _FROZEN_MODULES:
+        raise ValueError(f"unknown freeze choice {part!r}; valid: {', '.join(FREEZE_CHOICES)}")
+    prefixes = tuple(f"{m}." for m in _FROZEN_MODULES[part])
+    frozen = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(not name.startswith(prefixes))
+        if name.startswith(prefixes):
+            frozen.append(name)
+    return frozen
+
+
 def normalisation_parameters(model: nn.Module) -> list[str]:
     """State-dict names of the LayerNorm parameters: what FedBN keeps at each site."""
     return [
@@ -346,6 +368,12 @@ class HyMaTE(nn.Module):
         return self.run(batch).logits
 
     def run(self, batch: Batch, need_attention: bool = False) -> HyMaTEOutput:
+        summary, weights, attention = self.encode(batch, need_attention)
+        return HyMaTEOutput(self.head(summary).squeeze(-1), weights, attention)
+
+    def encode(self, batch: Batch, need_attention: bool = False):
+        """The stay as one (B, 2d) vector (pooled events next to statics), with the pooling
+        weights and the last attention: what the head reads, and what pre-training trains."""
         mask = batch.mask
         x = self.embedding(batch.times, batch.variables, batch.values, mask)
         for block in self.mamba:
@@ -357,8 +385,7 @@ class HyMaTE(nn.Module):
         for block in self.attention:
             x, attention = block(x, attend, need_attention)
         pooled, weights = self.pooling(self.norm(x), mask)
-        summary = torch.cat([pooled, self.static(batch.static, batch.static_mask)], dim=-1)
-        return HyMaTEOutput(self.head(summary).squeeze(-1), weights, attention)
+        return torch.cat([pooled, self.static(batch.static, batch.static_mask)], dim=-1), weights, attention
 
     @torch.no_grad()
     def variable_importance(self, batch: Batch) -> torch.Tensor:

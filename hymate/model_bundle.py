@@ -1,9 +1,10 @@
 """A trained model as one file: weights, architecture, normaliser and variable names.
 
 Everything needed to score new stays travels together, so a model trained centrally, by a
-federation or in a simulation is used the same way. Saved with ``torch.save`` as tensors and
-plain Python values only, so ``torch.load(weights_only=True)`` reads it without unpickling
-arbitrary objects.
+federation or in a simulation is used the same way, and a pre-trained one (``hymate-pretrain``)
+starts a new training (``--init-from``, ``initial_weights``). Saved with ``torch.save`` as
+tensors and plain Python values only, so ``torch.load(weights_only=True)`` reads it without
+unpickling arbitrary objects.
 """
 
 from __future__ import annotations
@@ -18,7 +19,28 @@ import torch
 
 from hymate.data.normalization import Normalizer
 from hymate.files import atomic_write_bytes
-from hymate.model import HyMaTE, HyMaTEConfig
+from hymate.model import HyMaTE, HyMaTEConfig, ModelOptions
+from hymate.settings_fields import setting
+
+# The architecture fields a checkpoint's weights fix (dropout and the scan kernel are free).
+SHAPE_FIELDS: dict[str, str] = {
+    "d_model": "--d-model",
+    "n_mamba_layers": "--mamba-layers",
+    "d_state": "--d-state",
+    "n_attention_layers": "--attention-layers",
+    "n_heads": "--heads",
+}
+
+
+@dataclass(frozen=True)
+class Initialisation:
+    """Where training starts; the one declaration of the ``--init-from`` flag (and run-config key)."""
+
+    init_from: str = setting(
+        "",
+        help="start from this model.pt (e.g. hymate-pretrain's checkpoint) instead of random weights; "
+        "the data must be in its vocabulary and the model of its shape",
+    )
 
 
 @dataclass(frozen=True)
@@ -61,3 +83,32 @@ class ModelBundle:
             variables=tuple(payload["variables"]),
             static_names=tuple(payload["static_names"]),
         )
+
+
+def initial_weights(
+    path: str | Path, options: ModelOptions, variables: tuple[str, ...], static_names: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """The weights of checkpoint ``path`` for a model of ``options`` over this data's schema.
+
+    ValueError, naming what differs and what to pass, when the checkpoint's vocabulary, static
+    features or shape do not match (a shared-vocabulary checkpoint needs ``--vocabulary shared``
+    data; the shape flags must repeat the checkpoint's).
+    """
+    try:
+        bundle = ModelBundle.load(Path(path))
+    except (OSError, RuntimeError, KeyError, TypeError) as e:
+        raise ValueError(f"--init-from {path}: cannot read the model file ({e})") from e
+    if bundle.variables != tuple(variables) or bundle.static_names != tuple(static_names):
+        raise ValueError(
+            f"--init-from {path}: the checkpoint reads {len(bundle.variables)} variables and "
+            f"{len(bundle.static_names)} static features ({', '.join(bundle.variables[:4])}, ...), this data has "
+            f"{len(variables)} and {len(static_names)} ({', '.join(variables[:4])}, ...): read the data in the "
+            "checkpoint's vocabulary (--vocabulary shared for hymate-pretrain's)"
+        )
+    wanted = options.for_schema(len(variables), len(static_names))
+    differs = [f for f in SHAPE_FIELDS if getattr(bundle.config, f) != getattr(wanted, f)]
+    if differs or (bundle.config.d_conv, bundle.config.expand) != (wanted.d_conv, wanted.expand):
+        shape = " ".join(f"{flag} {getattr(bundle.config, f)}" for f, flag in SHAPE_FIELDS.items())
+        asked = ", ".join(f"{SHAPE_FIELDS[f]} {getattr(wanted, f)}" for f in differs)
+        raise ValueError(f"--init-from {path}: the checkpoint's model is {shape}; this run asks for {asked}")
+    return bundle.state_dict

@@ -22,6 +22,7 @@ from torch import nn
 from hymate.allocator import return_large_blocks_to_os, trim_heap
 from hymate.data.batches import Batch
 from hymate.metrics import auprc, auroc
+from hymate.model import FREEZE_CHOICES, freeze
 from hymate.settings_fields import setting
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,12 @@ class TrainConfig:
     pos_weight: float | None = None  # None: from the training labels, see positive_class_weight
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
     seed: int = setting(0)
+    freeze: str = setting(
+        "none",
+        choices=FREEZE_CHOICES,
+        help="keep this part of a pre-trained model (--init-from) fixed: the triplet embeddings, or the "
+        "whole sequence encoder (embeddings, Mamba and attention); pooling, statics and head always train",
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_events"):
@@ -50,6 +57,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.freeze not in FREEZE_CHOICES:
+            raise ValueError(f"freeze must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -170,9 +179,13 @@ class FitResult:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on weight matrices only (not on biases, norms or SSM parameters)."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.endswith("A_log")]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and not n.endswith("A_log"))]
+    """AdamW over the parameters ``config.freeze`` leaves trainable (the frozen ones are marked
+    ``requires_grad=False`` here, before any DP wrapper sees the model), with weight decay on
+    weight matrices only (not on biases, norms or SSM parameters)."""
+    freeze(model, config.freeze)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and not n.endswith("A_log")]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and not n.endswith("A_log"))]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.learning_rate,

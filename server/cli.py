@@ -23,6 +23,7 @@ import tomli_w
 
 from hymate.cli_options import parse_with_config_file
 from hymate.model import ModelOptions
+from hymate.model_bundle import Initialisation, ModelBundle
 from hymate.processes import free_port
 from hymate.settings_fields import add_flags, flag_config
 from server.certs import create_federation_keys
@@ -55,6 +56,7 @@ RUN_FLAGS = (
     "max_events",
     "seed",
     "local_norms",
+    "freeze",
 )
 
 
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flags(p.add_argument_group("model"), ModelOptions)
     add_flags(p.add_argument_group("secure aggregation (Flower's SecAgg+)"), SecureAggregationSettings)
+    add_flags(p.add_argument_group("model"), Initialisation)
     net = p.add_argument_group("network and security")
     net.add_argument(
         "--address",
@@ -125,10 +128,12 @@ def add_certs_parser(commands) -> None:
 
 def run_config(args: argparse.Namespace) -> dict:
     """The [tool.flwr.app.config] overrides for this run, keyed as ServerSettings derives them."""
+    init_from = args.init_from and str(Path(args.init_from).resolve())  # the ServerApp runs elsewhere
     return (
         flag_config(ServerSettings, args, RUN_FLAGS)
         | flag_config(ModelOptions, args)
         | flag_config(SecureAggregationSettings, args)
+        | {"init-from": init_from}
         | {"strategy-options": " ".join(args.strategy_option), "run-dir": str(args.run_dir.resolve())}
     )
 
@@ -185,6 +190,11 @@ def run(args: argparse.Namespace) -> int:
         raise SettingsError("site authentication is on: pass --site-keys with the sites' public keys")
     config = run_config(args) | {"registered-sites": " ".join(sorted(keys))}
     settings = ServerSettings.from_run_config(config)  # validates every value before anything starts
+    if settings.initialisation.init_from:  # readable now; its vocabulary is checked once the sites answer
+        try:
+            ModelBundle.load(Path(settings.initialisation.init_from))
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            raise SettingsError(f"--init-from {args.init_from}: not a readable model file ({e})") from None
     build_strategy(settings.strategy, settings.min_clients)
     run_dir = RunDirectory(args.run_dir)
     run_dir.prepare(resume=args.resume)

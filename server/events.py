@@ -97,6 +97,7 @@ _DESCRIBE = {
         + (f" (missing {', '.join(e['missing'])})" if e.get("missing") else "")
     ),
     "normalisation": lambda e: f"normalisation statistics fixed from {len(e['sites'])} sites: {', '.join(e['sites'])}",
+    "initialised": lambda e: f"starting from {e['init_from']} (frozen: {e['freeze']})",
     "refused": lambda e: f"refused {e['site']} (node {e['node_id']}) for this run: {e['reason']}",
     "round-started": lambda e: f"{_round(e)} started",
     "reply": lambda e: f"{_phase(e)}: {e['site']} replied ({_metrics(e.get('metrics', {}))})",

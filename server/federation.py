@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import Strategy
 
 from hymate.data.normalization import MomentSums
 from hymate.model import HyMaTE
-from hymate.model_bundle import ModelBundle
+from hymate.model_bundle import ModelBundle, initial_weights
 from hymate.secure_sums import (
     PHASE_KEY,
     PHASE_NORMALISATION,
@@ -318,8 +318,20 @@ class Federation:
         return MomentSums.from_arrays(np.split(totals, cuts)), sites, rejected
 
     def initial_weights(self, facts: FederationFacts) -> dict[str, np.ndarray]:
-        torch.manual_seed(self.settings.seed)
-        model = HyMaTE(self.settings.model.for_schema(len(facts.variables), len(facts.static_names)))
+        """Random weights by the run's seed, or the ``--init-from`` checkpoint's once the sites'
+        schema is known to be its vocabulary (a mismatch ends the run, naming both)."""
+        s = self.settings
+        torch.manual_seed(s.seed)
+        model = HyMaTE(s.model.for_schema(len(facts.variables), len(facts.static_names)))
+        if s.initialisation.init_from:
+            try:
+                state = initial_weights(
+                    s.initialisation.init_from, s.model, tuple(facts.variables), tuple(facts.static_names)
+                )
+            except ValueError as e:
+                raise FederationError(f"{e} (the sites answered with dataset {facts.dataset})") from None
+            model.load_state_dict(state)
+            self.events.emit("initialised", init_from=s.initialisation.init_from, freeze=s.freeze)
         return {k: v.numpy() for k, v in model.state_dict().items()}
 
     def run_round(

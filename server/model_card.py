@@ -177,6 +177,8 @@ def model_card(
             "model": settings.model,
             # With secure aggregation the coordinator saw only sums of updates and normalisation sums.
             "secure_aggregation": secure.as_record() if secure.enabled else None,
+            "init_from": initialisation_record(settings.initialisation.init_from),
+            "freeze": settings.freeze,
         },
         "failed_rounds": [
             {"round": entry["round"], "reason": entry["failed"]} for entry in history if "failed" in entry
@@ -194,6 +196,11 @@ def model_card(
         "rejected_replies": facts.query_rejections + [r for entry in history for r in entry["rejected"]],
         "refused_nodes": refused_nodes(history),
     }
+
+
+def initialisation_record(init_from: str) -> dict[str, str] | None:
+    """Which checkpoint the run started from (its path and SHA-256), or None for random weights."""
+    return {"path": init_from, "sha256": sha256_of(Path(init_from))} if init_from else None
 
 
 def render_markdown(card: dict[str, Any], model_file: str) -> str:
@@ -217,6 +224,11 @@ def render_markdown(card: dict[str, Any], model_file: str) -> str:
         f"seed {t['seed']}, at least {t['min_clients']} sites per round.",
         f"Model: {', '.join(f'{k} {v}' for k, v in t['model'].items())}.",
         _secure_aggregation_line(t["secure_aggregation"]),
+        (
+            f"Initial weights: `{t['init_from']['path']}` (SHA-256 `{t['init_from']['sha256']}`), frozen: {t['freeze']}."
+            if t.get("init_from")
+            else "Initial weights: random."
+        ),
         "",
         "## Sites (aggregate provenance, no patient data)",
         "",

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from hymate.local_plan import LocalPlan
-from hymate.model import ModelOptions
+from hymate.model import FREEZE_CHOICES, ModelOptions
+from hymate.model_bundle import Initialisation
 from hymate.settings_fields import RunConfigError, config_key, default_of, from_run_config, setting
 from server.secure_aggregation import SecureAggregationSettings
 from strategies.registry import StrategyError, StrategySpec, check_secure_aggregation
@@ -66,6 +67,13 @@ class ServerSettings:
         _plan_default("local_norms"), help="FedBN: every site keeps its own normalisation layers"
     )
     secure_aggregation: SecureAggregationSettings = setting(default_factory=SecureAggregationSettings, group=True)
+    freeze: str = setting(
+        _plan_default("freeze"),
+        choices=FREEZE_CHOICES,
+        help="keep this part of the --init-from model fixed at every site (embeddings: the triplet "
+        "embeddings; backbone: embeddings, Mamba and attention blocks)",
+    )
+    initialisation: Initialisation = setting(default_factory=Initialisation, group=True)
     #: Set by hymate-sim: the partitions its virtual sites hold (empty for real deployments).
     simulation_manifest: str = ""
 

@@ -3,6 +3,7 @@
 hymate-sim                                             federated, synthetic data, report in runs/sim
 hymate-sim --dataset physionet2012 --data DIR --protocol all --out runs/p12
 hymate-sim --dataset physionet2012 --data DIR --sets a --no-cache   only set-a, parsed afresh
+hymate-sim --dataset physionet2012 --vocabulary shared --init-from runs/pretrain/p19/model.pt --freeze embeddings
 hymate-sim --partition dirichlet:0.5 --sites 6 --strategy fedprox --strategy-option proximal_mu=0.01
 hymate-sim --ray-address 10.0.0.5:6379 ...             on an existing Ray cluster (or set RAY_ADDRESS)
 """
@@ -20,8 +21,9 @@ import pandas as pd
 
 from client.site import DPSettings, add_dp_flags, dp_settings_from
 from hymate.cli_options import add_deprecated_alias, parse_with_config_file
-from hymate.data import DEFAULT_CACHE_DIR, DataError
+from hymate.data import DEFAULT_CACHE_DIR, DataError, VocabularyChoice
 from hymate.model import ModelOptions
+from hymate.model_bundle import Initialisation
 from hymate.settings_fields import add_flags, flag_values
 from hymate.train import TrainConfig
 from server.secure_aggregation import SecureAggregationSettings
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop when a site's val or test split lacks a class (default: run, flagged in results.csv and the report)",
     )
+    add_flags(data, VocabularyChoice)
     data.add_argument("--synthetic-sites", type=int, help="sites the synthetic generator makes (default 4)")
     data.add_argument("--synthetic-stays", type=int, help="stays per synthetic site (default 500)")
     run = p.add_argument_group("protocols")
@@ -72,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--min-sites", type=int, help="sites that must reply in each federated round (default: all)")
     add_dp_flags(p.add_argument_group("differential privacy at every virtual site"))
     add_flags(p.add_argument_group("model"), ModelOptions)
+    add_flags(p.add_argument_group("model"), Initialisation)
     add_flags(p.add_argument_group("local training"), TrainConfig, TRAIN_FLAGS)
     add_flags(p.add_argument_group("secure aggregation (Flower's SecAgg+)"), SecureAggregationSettings)
     add_deprecated_alias(p, "--lr", "--learning-rate")
@@ -97,6 +101,7 @@ TRAIN_FLAGS = (
     "clip_grad_norm",
     "max_events",
     "device",
+    "freeze",
 )
 
 
@@ -137,6 +142,7 @@ def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
         bootstrap=args.bootstrap,
         model=ModelOptions(**flag_values(ModelOptions, args)),
         train=TrainConfig(**flag_values(TrainConfig, args, TRAIN_FLAGS)),
+        init_from=str(Path(args.init_from).resolve()) if args.init_from else "",
         engine=EngineSettings(cpus_per_client=args.cpus_per_client, ray_address=args.ray_address, timeout=args.timeout),
         privacy=privacy_settings(args),
         min_sites=args.min_sites,
@@ -153,6 +159,8 @@ def dataset_options(args: argparse.Namespace) -> dict:
     options = {}
     if args.dataset == "synthetic":
         options = {k: v for k, v in (("n_sites", args.synthetic_sites), ("stays_per_site", args.synthetic_stays)) if v}
+    if args.vocabulary != "source":
+        options["vocabulary"] = args.vocabulary
     if args.sets is not None:
         if args.dataset not in _SET_CASE:
             raise ValueError(f"--sets applies to {' and '.join(_SET_CASE)}, not to --dataset {args.dataset}")
@@ -196,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         "protocols": ", ".join(spec.protocols),
         "strategy": f"{spec.strategy.name} {spec.strategy.as_string()}".strip(),
         "rounds x local epochs": f"{spec.rounds} x {spec.local_epochs}",
+        "vocabulary": args.vocabulary,
+        "initial weights": f"{spec.init_from} (freeze: {spec.train.freeze})" if spec.init_from else "random",
         "seeds": ", ".join(map(str, spec.seeds)),
         "differential privacy": (
             f"epsilon {spec.privacy.epsilon:g}, delta {spec.privacy.delta:g} per site" if spec.privacy else "off"

@@ -32,7 +32,7 @@ from hymate.data import DEFAULT_CACHE_DIR, DataError, concat_tables, load_datase
 from hymate.data.batches import StayDataset, make_loader
 from hymate.data.stays import StayTable
 from hymate.model import HyMaTE, ModelOptions
-from hymate.model_bundle import ModelBundle
+from hymate.model_bundle import ModelBundle, initial_weights
 from hymate.settings_fields import run_config_of
 from hymate.train import TrainConfig, fit, positive_class_weight
 from server.run_dir import RunDirectory
@@ -71,6 +71,7 @@ class SimulationSpec:
     privacy: DPSettings | None = None  # DP settings of every virtual site (None: no DP)
     min_sites: int | None = None  # sites that must reply in a federated round (default: all)
     secure_aggregation: SecureAggregationSettings = field(default_factory=SecureAggregationSettings)
+    init_from: str = ""  # a checkpoint every protocol starts from (absolute path; empty: random weights)
     # Each site's split is stratified by label, so its val and test splits hold both classes
     # whenever it has three patients of each. One with fewer (a natural unit with two deaths, a
     # label-skewed virtual site) cannot: a loud warning carried into results.csv, sites.csv and
@@ -111,6 +112,8 @@ class Experiment:
     def __init__(self, spec: SimulationSpec):
         self.spec = spec
         self.table = load_dataset(spec.dataset, spec.data, **spec.load_options())
+        if spec.init_from:  # a checkpoint of another vocabulary or shape fails here, before any training
+            initial_weights(spec.init_from, spec.model, self.table.variables, self.table.static_names)
         rows = partition_stays(
             self.table, spec.partition, spec.sites, seed=spec.split_seed, min_size=spec.min_site_size
         )
@@ -182,7 +185,12 @@ class Experiment:
 
     def centralized(self, seed: int) -> None:
         result = train_centralized(
-            self._pooled("train"), self._pooled("val"), {}, self.spec.model, self._train_config(seed)
+            self._pooled("train"),
+            self._pooled("val"),
+            {},
+            self.spec.model,
+            self._train_config(seed),
+            self.spec.init_from,
         )
         self._score_everywhere(result.model, result.normalizer, seed, "centralized", "pooled", "all")
         self._remember_importance(result.model, result.normalizer)
@@ -190,7 +198,9 @@ class Experiment:
     def local(self, seed: int) -> None:
         for name in tqdm(self.sites, desc=f"local (seed {seed}): sites", unit="site"):
             site = self.sites[name]
-            result = train_centralized(site.train, site.val, {}, self.spec.model, self._train_config(seed))
+            result = train_centralized(
+                site.train, site.val, {}, self.spec.model, self._train_config(seed), self.spec.init_from
+            )
             self._score_everywhere(result.model, result.normalizer, seed, "local", "local", name)
 
     def federated(self, seed: int) -> None:
@@ -278,6 +288,8 @@ class Experiment:
             "heads": spec.model.n_heads,
             "dropout": spec.model.dropout,
             "scan-backend": spec.model.scan_backend,
+            "init-from": spec.init_from,
+            "freeze": spec.train.freeze,
         } | run_config_of(spec.secure_aggregation)
         partitions = {n: [str(s) for s in self.table.stay_ids[self.site_rows[n]]] for n in names}
         run_dir = spec.out / "runs" / label

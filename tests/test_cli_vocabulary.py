@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -179,3 +180,45 @@ def test_secure_aggregation_has_one_flag_on_all_three_commands_and_reaches_each_
     assert config["secure-aggregation"] == "true"
     assert SiteSettings.from_node_config(config).secure_aggregation is True
     assert "secure-aggregation" not in client_cli.site_config({"dataset": "synthetic", "state_dir": str(tmp_path)})
+
+
+def test_pretraining_and_vocabulary_flags_share_one_spelling(tmp_path):
+    from hymate import pretrain_cli
+    from hymate.local_plan import LocalPlan
+    from server.settings import ServerSettings
+
+    server, sim, client, pretrain = (
+        listed_flags(m.build_parser()) for m in (server_cli, sim_cli, client_cli, pretrain_cli)
+    )
+    assert {"--init-from", "--freeze"} <= server & sim and not {"--init-from", "--freeze"} & client
+    assert "--vocabulary" in sim & client & pretrain and "--vocabulary" not in server  # how data is read is the site's
+    assert {flag_of(f) for f in fields(ModelOptions)} <= pretrain
+    args = server_cli.build_parser().parse_args(
+        ["--run-dir", "r", "--init-from", "pre/model.pt", "--freeze", "embeddings"]
+    )
+    config = server_cli.run_config(args)
+    assert config["init-from"] == str(Path("pre/model.pt").resolve()) and config["freeze"] == "embeddings"
+    settings = ServerSettings.from_run_config(config)
+    assert settings.initialisation.init_from == config["init-from"] and settings.freeze == "embeddings"
+    assert "init-from" not in LocalPlan.__dataclass_fields__ and LocalPlan.__dataclass_fields__["freeze"]
+    spec = sim_cli.spec_from_args(
+        sim_cli.build_parser().parse_args(
+            [
+                "--vocabulary",
+                "shared",
+                "--init-from",
+                "pre/model.pt",
+                "--freeze",
+                "backbone",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    )
+    assert spec.dataset_options == {"vocabulary": "shared"} and spec.train.freeze == "backbone"
+    assert spec.init_from == str(Path("pre/model.pt").resolve())
+    options = client_cli.merged_options(client_cli.build_parser().parse_args(["--vocabulary", "shared"]))
+    node = client_cli.site_config(options | {"dataset": "physionet2012", "state_dir": str(tmp_path)})
+    assert node["vocabulary"] == "shared" and SiteSettings.from_node_config(node).vocabulary == "shared"
+    with pytest.raises(ValueError, match="vocabulary='snomed' must be one of source, shared"):
+        SiteSettings.from_node_config(node | {"vocabulary": "snomed"})

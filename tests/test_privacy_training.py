@@ -10,7 +10,7 @@ import torch
 
 from hymate.data import MomentSums, load_dataset
 from hymate.data.batches import StayDataset
-from hymate.model import HyMaTE, ModelOptions
+from hymate.model import HyMaTE, ModelOptions, freeze
 from hymate.privacy import (
     DPConfig,
     PrivacyBudgetExhausted,
@@ -134,3 +134,19 @@ def test_fedprox_pulls_the_noised_step_toward_the_global_weights(tmp_path, site)
     )  # fmt: skip
     after = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)).item()
     assert after < 0.5 * distance  # two SGD steps of mu * (w - a) at lr 0.2 shrink it by 0.8^2 (plus tiny noise)
+
+
+@pytest.mark.parametrize("part", ["embeddings", "backbone"])
+def test_dp_sgd_leaves_frozen_parameters_untouched(tmp_path, site, part):
+    table, dataset = site
+    config = DPConfig(target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=1)
+    plan = plan_round(config, len(dataset), batch_size=16, local_epochs=1)
+    model = small_model(table)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen = set(freeze(model, part))
+    train_private_round(
+        model, dataset, make_optimizer(model, TrainConfig(learning_rate=3e-3, freeze=part)), plan, config,
+        PrivacyLedger.open(tmp_path, 8.0, 1e-5), device=torch.device("cpu"), pos_weight=1.0,
+    )  # fmt: skip
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]) == (name in frozen), name  # no noise reaches a frozen one

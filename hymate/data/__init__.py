@@ -49,6 +49,16 @@ from .synthetic import (
     make_synthetic,
     site_profiles,
 )
+from .vocabulary import (
+    SHARED_STATIC,
+    SHARED_STATIC_NAMES,
+    SHARED_VARIABLE_NAMES,
+    SHARED_VARIABLES,
+    VOCABULARIES,
+    VocabularyChoice,
+    check_vocabulary,
+    to_shared_vocabulary,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE_DIR = PROJECT_ROOT / ".cache" / "parsed"
@@ -110,6 +120,7 @@ def load_dataset(
     root: str | Path | None = None,
     cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
     summary: LoadSummary | None = None,
+    vocabulary: str = "source",
     **options: Any,
 ) -> StayTable:
     """Load dataset ``name`` from its raw folder ``root``, through the parquet cache.
@@ -117,9 +128,13 @@ def load_dataset(
     ``root`` None means the project's default location (``.cache/data/<name>``; ignored by
     "synthetic"). ``cache_dir`` None disables the cache. ``options`` go to the source, e.g.
     ``sets=("a",)`` for PhysioNet 2012 or ``n_sites=8`` for synthetic data. ``summary`` is
-    filled with what the loader counted. A dataset left with no stay (every record excluded,
-    or empty tables) is a DataError naming the folder and what was counted.
+    filled with what the loader counted. ``vocabulary`` "shared" maps the source's variables,
+    units and static features onto the shared clinical vocabulary (``hymate.data.vocabulary``;
+    the cache holds the source's own parse, the mapping is redone on each load in well under a
+    second). A dataset left with no stay (every record excluded, or empty tables) is a DataError
+    naming the folder and what was counted.
     """
+    check_vocabulary(name, vocabulary)
     try:
         loader = DATASETS[name]
     except KeyError:
@@ -134,7 +149,7 @@ def load_dataset(
     if not len(table):
         where = root if root is not None else DEFAULT_RAW_DIR / name
         raise DataError(f"{where}: {name} has no stays left after its exclusions ({summary})")
-    return table
+    return to_shared_vocabulary(table, name) if vocabulary == "shared" else table
 
 
 __all__ = [
@@ -152,6 +167,10 @@ __all__ = [
     "PHYSIONET2019_SETS",
     "PHYSIONET2019_STATIC",
     "PHYSIONET2019_VARIABLES",
+    "SHARED_STATIC",
+    "SHARED_STATIC_NAMES",
+    "SHARED_VARIABLES",
+    "SHARED_VARIABLE_NAMES",
     "SYNTHETIC_STATIC",
     "SYNTHETIC_VARIABLES",
     "DataError",
@@ -164,11 +183,14 @@ __all__ = [
     "Split",
     "StayRecord",
     "StayTable",
+    "VOCABULARIES",
+    "VocabularyChoice",
     "SyntheticConfig",
     "cached",
     "concat_tables",
     "eicu_sites",
     "fingerprint",
+    "check_vocabulary",
     "load_dataset",
     "load_eicu",
     "load_mimic4",
@@ -182,4 +204,5 @@ __all__ = [
     "site_profiles",
     "split_stays",
     "table_from_stays",
+    "to_shared_vocabulary",
 ]

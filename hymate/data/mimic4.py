@@ -63,7 +63,8 @@ WBC                     51301
 
 The chart items are those of MIT-LCP mimic-code's ``vitalsign`` concept, the lab items
 those of its ``chemistry``, ``complete_blood_count``, ``bg``, ``enzyme`` and ``coagulation``
-concepts. Values are as recorded (only °F is converted, so one variable has one unit).
+concepts. Values are as recorded (only °F is converted, with ``vocabulary.FAHRENHEIT_TO_CELSIUS``,
+so one variable has one unit).
 
 ``chartevents`` and ``labevents`` are read in chunks of ``chunk_rows`` rows with only the
 needed columns; each chunk is filtered to the vocabulary's itemids and the selected stays
@@ -94,6 +95,7 @@ from .csv_tables import (
     require_columns,
 )
 from .stays import DataError, LoadSummary, StayTable
+from .vocabulary import FAHRENHEIT_TO_CELSIUS
 
 logger = logging.getLogger(__name__)
 
@@ -416,7 +418,7 @@ def _read_chartevents(
         use = inside[_numeric(values, "chart", summary)]
         item = itemid[keep][use]
         value = sel["valuenum"].to_numpy()[use]
-        value = np.where(item == TEMP_FAHRENHEIT_ITEMID, (value - 32.0) / 1.8, value)
+        value = np.where(item == TEMP_FAHRENHEIT_ITEMID, FAHRENHEIT_TO_CELSIUS.apply(value), value)
         events.add(index[keep][use], hours[use], item_vars[np.searchsorted(item_ids, item)], value)
 
 
