@@ -39,7 +39,9 @@ class _ShortWaits(ModuleType):
 def shorten_idle_poll() -> None:
     """Make the SuperNode's message loop poll every ``IDLE_POLL_S`` instead of every 3 s."""
     if getattr(start_client_internal, "time", None) is not time:
-        raise RuntimeError("flwr's SuperNode loop no longer waits through the time module: review client/supernode_launcher.py")
+        raise RuntimeError(
+            "flwr's SuperNode loop no longer waits through the time module: review client/supernode_launcher.py"
+        )
     start_client_internal.time = _ShortWaits()
 
 

@@ -10,6 +10,7 @@ instead of finding its port taken and its ServerApp still writing to the run dir
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -84,10 +85,8 @@ def _end_groups(
         deadline = time.monotonic() + timeout
         while True:
             for pgid in sorted(alive - signalled):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(pgid, sig)
-                except ProcessLookupError:
-                    pass
                 signalled.add(pgid)
             if own is not None:
                 own.poll()
@@ -151,6 +150,7 @@ def stop_child(process: subprocess.Popen, pid_file: Path, timeout: float = 10.0)
     ``flwr-simulation`` (and with it Ray's GCS, dashboard and workers) in a session of its own,
     which outlived an interrupted ``hymate-sim`` by a minute when only the SuperLink's group was ended.
     """
+
     def groups_below() -> set[int]:  # read while the child lives: once it is gone, its children belong to init
         return _descendant_groups(process.pid) if process.poll() is None else set()
 

@@ -81,7 +81,9 @@ class FakeSite:
             arrays = ArrayRecord(
                 {k: Array(np.ascontiguousarray(a.numpy())) for k, a in message.content["arrays"].items()}
             )
-            metrics = MetricRecord({"num-examples": self.examples, "train_loss": 0.5 + self.node_id / 100, "seconds": 1.0})
+            metrics = MetricRecord(
+                {"num-examples": self.examples, "train_loss": 0.5 + self.node_id / 100, "seconds": 1.0}
+            )
             content = RecordDict({"arrays": arrays, "metrics": metrics, "site": site})
         else:
             metrics = {"num-examples": 40, "auroc": 0.8, "auprc": 0.5, "loss": 0.4}

@@ -67,9 +67,12 @@ def test_three_hospitals_over_tls_a_coordinator_crash_and_privacy_budgets(deploy
     restarted_at = time.time()
     # Hospital 2's SuperNode gives up on the dead coordinator and is restarted by hymate-client;
     # the resumed round waits for it (two sites connected) but closes with one reply.
-    server = d.start_server("--rounds", "2", "--min-clients", "1", "--min-connected", "2", resume=True)
+    # (Under load hymate-client's restart backoff can take its SuperNode past the harness's 120 s.)
+    server = d.start_server(
+        "--rounds", "2", "--min-clients", "1", "--min-connected", "2", "--wait-for-clients", "240", resume=True
+    )
 
-    assert d.wait_server(server, 260) == 0, d.log("server.log")[-3000:]
+    assert d.wait_server(server, 300) == 0, d.log("server.log")[-3000:]
     assert d.rounds_done() == [1, 2]
     first, second = round_metrics(d, 1), round_metrics(d, 2)
     assert [first["round"], second["round"]] == [1, 2]
@@ -95,8 +98,10 @@ def test_three_hospitals_over_tls_a_coordinator_crash_and_privacy_budgets(deploy
     )
     eps_1, eps_2 = first["privacy"]["hospital-1"]["dp-epsilon"], second["privacy"]["hospital-1"]["dp-epsilon"]
     assert 0 < eps_1 < eps_2 <= 50  # the restarted site continued its spend
+    # Round 2 may have started before the crash: a site that trained it then spent budget on it,
+    # and trains it again after the resume, so the ledger holds at least the two rounds.
     ledger = json.loads((d.state_dir(1) / "privacy" / "ledger.json").read_text())
-    assert len(ledger["rounds"]) == 2
+    assert len(ledger["rounds"]) >= 2
     assert first["privacy"]["hospital-2"]["dp-epsilon"] <= 2.0
     assert "hospital-3" not in first["privacy"]  # no DP there
 
@@ -110,7 +115,7 @@ def test_three_hospitals_over_tls_a_coordinator_crash_and_privacy_budgets(deploy
     # What each hospital sent, from its own audit log: arrays are the model's parameters or
     # moment sums, never shaped like its data, and no stay or patient id appears anywhere.
     parameter_shapes = {tuple(a.shape) for a in before.values()}
-    for i, trained in ((1, 2), (2, 1), (3, 1)):
+    for i, trained in ((1, 2), (2, 1), (3, 1)):  # at least: see the ledger above
         data = open_site(SiteSettings(dataset="synthetic", site=f"site-{i - 1}", state_dir=d.state_dir(i)))
         data_shapes = (
             {(len(t),) for t in (data.train, data.val, data.test)}
@@ -118,7 +123,7 @@ def test_three_hospitals_over_tls_a_coordinator_crash_and_privacy_budgets(deploy
             | {t.static.shape for t in (data.train, data.val, data.test)}
         )
         sent = [json.loads(line) for line in (d.state_dir(i) / "outgoing.jsonl").read_text().splitlines()]
-        assert sum(1 for s in sent if s["type"] == "train" and s["arrays"]) == trained
+        assert sum(1 for s in sent if s["type"] == "train" and s["arrays"]) >= trained
         for message in sent:
             for name, (_, shape) in message["arrays"].items():
                 assert tuple(shape) not in data_shapes - parameter_shapes, f"{name} {shape} is shaped like local data"

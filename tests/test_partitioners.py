@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import simulation.cli
-
 from hymate.data import load_dataset
 from hymate.data.synthetic import SyntheticConfig
 from simulation.partitioners import PartitionError, PartitionScheme, partition_stays
@@ -114,7 +113,6 @@ def test_the_minimum_size_error_suggests_what_applies_to_the_partition(table, sc
     assert message.endswith(remedy + (": the natural sites are fixed" if scheme == "natural" else ""))
     if scheme == "natural":
         assert "ALPHA" not in message and "fewer --sites" not in message
-
 
 
 def _documented_partition_examples() -> list[list[str]]:

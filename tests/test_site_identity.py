@@ -124,7 +124,9 @@ def test_a_site_posing_as_another_is_rejected_and_cannot_overwrite_its_metrics(t
 
     for r in (1, 2):
         m = round_metrics(s, r)
-        assert m["sites"]["train"] == {"hospital-1": {"num-examples": 50, "train_loss": pytest.approx(0.61), "seconds": 1.0}}
+        assert m["sites"]["train"] == {
+            "hospital-1": {"num-examples": 50, "train_loss": pytest.approx(0.61), "seconds": 1.0}
+        }
         assert sorted(m["sites"]["evaluate"]) == ["hospital-1"]
     assert card["normaliser_sites"] == ["hospital-1"]
     assert card["rounds_by_site"] == {"hospital-1": [1, 2]}
