@@ -5,7 +5,7 @@ test on set-a. Both models see the same stays; the baseline is scikit-learn's
 HistGradientBoostingClassifier on per-variable summaries (hymate.baseline).
 
     python bench/p12.py [--data DIR] [--epochs N] [--seeds 0 1 2]
-    python bench/p12.py --vocabulary shared --init-from runs/pretrain/p19/model.pt [--freeze embeddings]
+    python bench/p12.py --vocabulary shared --init-from runs/pretrain/p19/pretrained.pt [--freeze embeddings]
 
 DIR defaults to .cache/data/physionet2012, unpacked from ../shared/data/physionet2012.tar.gz
 when that archive is there.

@@ -38,7 +38,8 @@ class Initialisation:
 
     init_from: str = setting(
         "",
-        help="start from this model.pt (e.g. hymate-pretrain's checkpoint) instead of random weights; "
+        help="start from this model file (hymate-pretrain's pretrained.pt, or a trained model) instead of random "
+        "weights; "
         "the data must be in its vocabulary and the model of its shape",
     )
 

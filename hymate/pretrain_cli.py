@@ -1,12 +1,12 @@
 """``hymate-pretrain``: a pre-trained HyMaTE checkpoint from public stays, for ``--init-from``.
 
     hymate-pretrain --data .cache/data/physionet2019 --out runs/pretrain/p19 --d-model 32
-    hymate-server ... --init-from runs/pretrain/p19/model.pt      (sites: --vocabulary shared)
-    hymate-sim --dataset physionet2012 --vocabulary shared --init-from runs/pretrain/p19/model.pt
+    hymate-server ... --init-from runs/pretrain/p19/pretrained.pt      (sites: --vocabulary shared)
+    hymate-sim --dataset physionet2012 --vocabulary shared --init-from runs/pretrain/p19/pretrained.pt
 
 Forecasts the next hours of every variable from the stays' history (``hymate.pretraining``) on
 a public data set, by default PhysioNet 2019 in the shared clinical vocabulary, and writes
-``OUT/model.pt`` (weights, architecture, normaliser, vocabulary) and ``OUT/pretraining.json``
+``OUT/pretrained.pt`` (weights, architecture, normaliser, vocabulary) and ``OUT/pretraining.json``
 (settings, data, the loss of every epoch, wall time). Labels are never read. The data are
 public, so no site spends privacy budget on them: a federation's DP guarantee covers what it
 trains on private stays after ``--init-from``.
@@ -30,6 +30,9 @@ from hymate.settings_fields import add_flags, flag_values
 
 log = logging.getLogger("hymate-pretrain")
 
+# The checkpoint is a ModelBundle file, named apart from a federation's final model.
+CHECKPOINT = "pretrained.pt"
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -44,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(data, VocabularyChoice, defaults={"vocabulary": "shared"})
     add_flags(p.add_argument_group("model"), ModelOptions, defaults={"d_model": 32})
     add_flags(p.add_argument_group("pre-training"), PretrainConfig)
-    p.add_argument("--out", type=Path, required=True, help="folder for model.pt and pretraining.json (new)")
+    p.add_argument("--out", type=Path, required=True, help="folder for pretrained.pt and pretraining.json (new)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -52,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_with_config_file(build_parser(), argv)
-        if (args.out / "model.pt").exists():
-            raise ValueError(f"--out {args.out} already holds a model.pt; choose another folder (nothing was changed)")
+        if (args.out / CHECKPOINT).exists():
+            raise ValueError(
+                f"--out {args.out} already holds a pre-trained checkpoint; choose another folder (nothing was changed)"
+            )
         config = PretrainConfig(**flag_values(PretrainConfig, args))
         options = ModelOptions(**flag_values(ModelOptions, args))
     except ValueError as e:
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hymate-pretrain: error: {e}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    result.bundle.save(args.out / "model.pt")
+    result.bundle.save(args.out / CHECKPOINT)
     record = {
         "objective": f"forecast every variable's mean z-score over the next {config.forecast_hours:g} hours (masked MSE)",
         "dataset": args.dataset,
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         f"pre-trained on {result.stays['train']} stays in {result.seconds:.0f} s; best epoch {result.best_epoch}: "
         f"validation MSE {best['val_mse']:.4f} (forecasting the mean: {best['val_mse_of_the_mean']:.4f})"
     )
-    print(f"checkpoint: {args.out / 'model.pt'} (start a training from it with --init-from)")
+    print(f"checkpoint: {args.out / CHECKPOINT} (start a training from it with --init-from)")
     return 0
 
 

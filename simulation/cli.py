@@ -3,7 +3,7 @@
 hymate-sim                                             federated, synthetic data, report in runs/sim
 hymate-sim --dataset physionet2012 --data DIR --protocol all --out runs/p12
 hymate-sim --dataset physionet2012 --data DIR --sets a --no-cache   only set-a, parsed afresh
-hymate-sim --dataset physionet2012 --vocabulary shared --init-from runs/pretrain/p19/model.pt --freeze embeddings
+hymate-sim --dataset physionet2012 --vocabulary shared --init-from runs/pretrain/p19/pretrained.pt --freeze embeddings
 hymate-sim --partition dirichlet:0.5 --sites 6 --strategy fedprox --strategy-option proximal_mu=0.01
 hymate-sim --ray-address 10.0.0.5:6379 ...             on an existing Ray cluster (or set RAY_ADDRESS)
 """

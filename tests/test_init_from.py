@@ -81,7 +81,9 @@ def test_hymate_sim_federates_from_the_checkpoint_and_keeps_the_frozen_backbone(
     final = ModelBundle.load(run.model_file).state_dict
     for name, value in bundle.state_dict.items():
         frozen = name.startswith(("embedding.", "mamba.", "attention."))
-        assert torch.equal(final[name], value) == frozen, name  # the sites trained only pooling, statics, head
+        change = (final[name] - value).abs().max().item()
+        # frozen: unchanged but for FedAvg's float rounding of equal arrays; the rest trained
+        assert change < 1e-6 if frozen else change > 1e-5, (name, change)
     card = json.loads(run.model_card_file.read_text())
     assert card["training"]["init_from"] == {"path": str(path.resolve()), "sha256": sha256_of(path)}
     assert card["training"]["freeze"] == "backbone"

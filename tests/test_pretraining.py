@@ -172,9 +172,9 @@ def test_hymate_pretrain_writes_the_checkpoint_and_its_record(tmp_path, capsys):
             "--batch-size", "8", "--val-fraction", "0.2"]  # fmt: skip
     assert pretrain_main(argv) == 0
     assert "checkpoint:" in capsys.readouterr().out
-    bundle = ModelBundle.load(tmp_path / "out" / "model.pt")
+    bundle = ModelBundle.load(tmp_path / "out" / "pretrained.pt")
     record = json.loads((tmp_path / "out" / "pretraining.json").read_text())
     assert record["vocabulary"] == "shared" and record["dataset"] == "physionet2019"
     assert bundle.variables[:3] == ("HR", "RespRate", "SpO2") and record["history"][0]["epoch"] == 1
     assert pretrain_main(argv) == 2  # an existing checkpoint is never overwritten
-    assert "already holds a model.pt" in capsys.readouterr().err
+    assert "already holds a pre-trained checkpoint" in capsys.readouterr().err
