@@ -91,6 +91,8 @@ TRAIN_FLAGS = (
     "patience",
     "batch_size",
     "learning_rate",
+    "optimizer",
+    "momentum",
     "weight_decay",
     "clip_grad_norm",
     "max_events",
