@@ -24,15 +24,14 @@ DATA_FIELDS = ("dataset", "data", "dataset_options", "partition", "sites", "min_
 
 
 def variant_spec(parser: argparse.ArgumentParser, argv: list[str], variant: str, out: Path) -> SimulationSpec:
-    """The spec of the bench's flags ``argv`` followed by the variant's flags, writing to ``out``."""
-    args = parser.parse_args([*argv, *shlex.split(variant), "--out", str(out)])
-    return spec_from_args(args)
-
-
-def check_same_data(base: SimulationSpec, spec: SimulationSpec, variant: str) -> None:
+    """The spec of the bench's flags ``argv`` followed by the variant's flags, writing to ``out``;
+    a variant that changes the data or the split is refused (its scores would not be comparable)."""
+    base = spec_from_args(parser.parse_args([*argv, "--out", str(out)]))
+    spec = spec_from_args(parser.parse_args([*argv, *shlex.split(variant), "--out", str(out)]))
     changed = [f for f in DATA_FIELDS if getattr(base, f) != getattr(spec, f)]
     if changed:
-        raise ValueError(f"variant {variant!r} changes the data or split ({', '.join(changed)}): not comparable")
+        raise ValueError(f"variant {variant!r} changes the data or the split ({', '.join(changed)}): not comparable")
+    return spec
 
 
 def scores(rows: list[dict], protocol: str) -> dict[str, float | str]:
