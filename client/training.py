@@ -79,6 +79,8 @@ def _train_config(plan: LocalPlan, data: LocalData) -> TrainConfig:
         epochs=plan.local_epochs,
         batch_size=plan.batch_size,
         learning_rate=plan.learning_rate,
+        optimizer=plan.optimizer,
+        momentum=plan.momentum,
         weight_decay=plan.weight_decay,
         clip_grad_norm=plan.clip_grad_norm,
         max_events=plan.max_events,

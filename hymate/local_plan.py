@@ -35,7 +35,11 @@ class LocalPlan:
     local_epochs: int = setting(1, help="epochs each site trains per round")
     # The optimisation settings take TrainConfig's defaults: each is declared there once.
     batch_size: int = setting(default_of(TrainConfig, "batch_size"))
-    learning_rate: float = setting(default_of(TrainConfig, "learning_rate"), help="AdamW learning rate")
+    learning_rate: float = setting(
+        default_of(TrainConfig, "learning_rate"), help="learning rate of the local optimiser"
+    )
+    optimizer: str = setting(default_of(TrainConfig, "optimizer"), help="local optimiser: adamw or sgd (with momentum)")
+    momentum: float = setting(default_of(TrainConfig, "momentum"), help="momentum of optimizer sgd")
     weight_decay: float = setting(default_of(TrainConfig, "weight_decay"))
     clip_grad_norm: float = setting(
         default_of(TrainConfig, "clip_grad_norm"),

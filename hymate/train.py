@@ -27,6 +27,8 @@ from hymate.settings_fields import setting
 
 log = logging.getLogger(__name__)
 
+OPTIMIZERS = ("adamw", "sgd")  # the local optimisers a plan may name (make_optimizer builds them)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -34,7 +36,12 @@ class TrainConfig:
 
     epochs: int = setting(30, help="epochs of centralized and local training")
     batch_size: int = setting(32)
-    learning_rate: float = setting(1e-3, help="AdamW learning rate")
+    learning_rate: float = setting(1e-3, help="learning rate of the local optimiser")
+    # Under DP-SGD noise Adam's second moment tracks the noise, not the gradient's scale, so
+    # every coordinate moves by about the learning rate whatever its signal: SGD with momentum
+    # averages the noise away instead (bench/dp_utility.py measures both).
+    optimizer: str = setting("adamw", choices=OPTIMIZERS, help="local optimiser: AdamW or SGD with momentum")
+    momentum: float = setting(0.9, help="momentum of --optimizer sgd")
     weight_decay: float = setting(0.05)
     # The optimiser's gradient-norm clip (not DP's per-sample clip, which is the site's dp-max-grad-norm).
     clip_grad_norm: float = setting(1.0, help="clip the gradient's norm to this before each step")
@@ -59,6 +66,10 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.freeze not in FREEZE_CHOICES:
             raise ValueError(f"freeze must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -179,17 +190,17 @@ class FitResult:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the parameters ``config.freeze`` leaves trainable (the frozen ones are marked
-    ``requires_grad=False`` here, before any DP wrapper sees the model), with weight decay on
-    weight matrices only (not on biases, norms or SSM parameters)."""
+    """AdamW (or SGD with momentum) over the parameters ``config.freeze`` leaves trainable (the
+    frozen ones are marked ``requires_grad=False`` here, before any DP wrapper sees the model),
+    with weight decay on weight matrices only (not on biases, norms or SSM parameters)."""
     freeze(model, config.freeze)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim >= 2 and not n.endswith("A_log")]
     no_decay = [p for n, p in trainable if not (p.ndim >= 2 and not n.endswith("A_log"))]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate,
-    )
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
 def fit(

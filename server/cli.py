@@ -51,6 +51,8 @@ RUN_FLAGS = (
     "local_epochs",
     "batch_size",
     "learning_rate",
+    "optimizer",
+    "momentum",
     "weight_decay",
     "clip_grad_norm",
     "max_events",

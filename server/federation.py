@@ -68,7 +68,18 @@ def weights_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def weights_from(record: ArrayRecord, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return from_vector(record[WEIGHTS_KEY].numpy(), like)
+    """The strategy's aggregate as the model's tensors, in the model's dtype.
+
+    Flower's adaptive server optimisers (FedAdam, FedYogi, FedAdagrad) compute the new global
+    weights in float64 from float32 updates; without the cast their first aggregate fails the
+    layout check and the federation stops. Only the coordinator's own aggregate is cast here: a
+    site's reply of the wrong dtype stays an error (``screen_replies``).
+    """
+    vector = record[WEIGHTS_KEY].numpy()
+    dtype = np.asarray(next(iter(like.values()))).dtype if like else vector.dtype
+    if np.issubdtype(vector.dtype, np.floating) and np.issubdtype(dtype, np.floating):
+        vector = vector.astype(dtype, copy=False)
+    return from_vector(vector, like)
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from hymate.local_plan import LocalPlan
 from hymate.model import FREEZE_CHOICES, ModelOptions
 from hymate.model_bundle import Initialisation
 from hymate.settings_fields import RunConfigError, config_key, default_of, from_run_config, setting
+from hymate.train import OPTIMIZERS
 from server.secure_aggregation import SecureAggregationSettings
 from strategies.registry import StrategyError, StrategySpec, check_secure_aggregation
 
@@ -56,7 +57,11 @@ class ServerSettings:
     model: ModelOptions = setting(default_factory=ModelOptions, group=True)
     local_epochs: int = setting(_plan_default("local_epochs"))
     batch_size: int = setting(_plan_default("batch_size"))
-    learning_rate: float = setting(_plan_default("learning_rate"), help="AdamW learning rate")
+    learning_rate: float = setting(_plan_default("learning_rate"), help="learning rate of the sites' optimiser")
+    optimizer: str = setting(
+        _plan_default("optimizer"), choices=OPTIMIZERS, help="the sites' optimiser: AdamW or SGD with momentum"
+    )
+    momentum: float = setting(_plan_default("momentum"), help="momentum of --optimizer sgd")
     weight_decay: float = setting(_plan_default("weight_decay"))
     clip_grad_norm: float = setting(
         _plan_default("clip_grad_norm"), help="the optimiser's gradient-norm clip (not DP's per-sample clip)"
@@ -84,6 +89,10 @@ class ServerSettings:
         for name in ("round_timeout", "wait_for_clients", "learning_rate"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{config_key_of(name)} must be positive, got {getattr(self, name)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise SettingsError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not 0 <= self.momentum < 1:
+            raise SettingsError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.min_connected < 0:
             raise SettingsError(f"min-connected must not be negative, got {self.min_connected}")
         self.strategy  # noqa: B018  (a malformed strategy option fails here, naming itself)

@@ -97,6 +97,8 @@ TRAIN_FLAGS = (
     "patience",
     "batch_size",
     "learning_rate",
+    "optimizer",
+    "momentum",
     "weight_decay",
     "clip_grad_norm",
     "max_events",

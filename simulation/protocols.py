@@ -277,6 +277,8 @@ class Experiment:
             "local-epochs": spec.local_epochs,
             "batch-size": spec.train.batch_size,
             "learning-rate": spec.train.learning_rate,
+            "optimizer": spec.train.optimizer,
+            "momentum": spec.train.momentum,
             "weight-decay": spec.train.weight_decay,
             "clip-grad-norm": spec.train.clip_grad_norm,
             "max-events": spec.train.max_events,

@@ -34,6 +34,9 @@ def plan(site):
 def test_a_plan_survives_its_flat_record(plan):
     back = LocalPlan.from_record(plan.to_record())
     assert back.model == plan.model and back.local_epochs == plan.local_epochs
+    sgd = dataclasses.replace(plan, optimizer="sgd", momentum=0.5)
+    sgd_back = LocalPlan.from_record(sgd.to_record())
+    assert (sgd_back.optimizer, sgd_back.momentum) == ("sgd", 0.5)
     np.testing.assert_array_equal(back.normalizer.value_std, plan.normalizer.value_std)
 
 

@@ -65,6 +65,18 @@ def test_dp_config_is_validated(monkeypatch):
         plan_round(DPConfig(target_epsilon=1e-3, delta=1e-5, planned_rounds=7), 1000, 50, 3)
 
 
+def test_the_optimizer_setting_picks_adamw_or_sgd_with_momentum_over_the_same_decay_groups(site):
+    model = small_model(site[0])
+    adamw = make_optimizer(model, TrainConfig(learning_rate=3e-3, weight_decay=0.05))
+    sgd = make_optimizer(model, TrainConfig(learning_rate=0.5, optimizer="sgd", momentum=0.9, weight_decay=0.05))
+    assert isinstance(adamw, torch.optim.AdamW) and type(sgd) is torch.optim.SGD
+    assert [g["weight_decay"] for g in sgd.param_groups] == [g["weight_decay"] for g in adamw.param_groups]
+    assert [len(g["params"]) for g in sgd.param_groups] == [len(g["params"]) for g in adamw.param_groups]
+    assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["lr"] == 0.5
+    with pytest.raises(ValueError, match="optimizer must be one of adamw, sgd, got 'adam'"):
+        TrainConfig(optimizer="adam")
+
+
 @pytest.fixture(scope="module")
 def site():
     table = load_dataset("synthetic", cache_dir=None, n_sites=1, stays_per_site=96, seed=3)

@@ -33,7 +33,8 @@ def test_derived_keys_keep_todays_names_and_the_two_clips_are_distinct():
 
 def test_training_defaults_come_from_train_config():
     train, plan, server = TrainConfig(), LocalPlan.__dataclass_fields__, ServerSettings()
-    for name in ("batch_size", "learning_rate", "weight_decay", "clip_grad_norm", "max_events", "seed"):
+    names = ("batch_size", "learning_rate", "optimizer", "momentum", "weight_decay", "clip_grad_norm", "max_events")
+    for name in (*names, "seed"):
         assert plan[name].default == getattr(train, name) == getattr(server, name), name
 
 
@@ -60,6 +61,8 @@ def test_a_run_config_builds_the_settings_with_nested_model_options():
         ({"local-norms": 1}, "'local-norms'=1 must be bool"),
         ({"batch-size": True}, "'batch-size'=True must be int"),
         ({"num-server-rounds": 0}, "num-server-rounds must be at least 1"),
+        ({"optimizer": "adam"}, "optimizer must be one of adamw, sgd, got 'adam'"),
+        ({"momentum": 1.0}, r"momentum must be in \[0, 1\), got 1.0"),
     ],
 )
 def test_a_mistyped_key_is_an_error_naming_it(config, message):
@@ -80,8 +83,10 @@ def test_flags_are_derived_from_the_fields():
 
 def test_the_plan_carries_every_shared_training_setting():
     settings = ServerSettings(
-        rounds=4, batch_size=8, clip_grad_norm=0.5, local_norms=True, model=ModelOptions(n_heads=2)
-    )
+        rounds=4, batch_size=8, clip_grad_norm=0.5, local_norms=True, optimizer="sgd", momentum=0.5,
+        model=ModelOptions(n_heads=2),
+    )  # fmt: skip
     plan = settings.plan(normalizer=None)
     assert (plan.batch_size, plan.clip_grad_norm, plan.local_norms, plan.planned_rounds) == (8, 0.5, True, 4)
+    assert (plan.optimizer, plan.momentum) == ("sgd", 0.5)
     assert plan.model.n_heads == 2 and plan.learning_rate == settings.learning_rate

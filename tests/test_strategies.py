@@ -1,6 +1,7 @@
 """Strategy registry: every name builds Flower's own strategy; bad names and options are clear errors."""
 
 import pytest
+import torch
 from flwr.serverapp import strategy as flwr_strategies
 
 from strategies.registry import STRATEGIES, StrategyError, StrategySpec, available, build_strategy
@@ -88,3 +89,16 @@ def test_available_names_cover_the_design():
         "dp-client-fixed",
     }
     assert set(available()) == expected
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
+def test_adaptive_server_optimisers_run_a_federation_in_the_models_dtype(tmp_path, name):
+    # Flower computes their aggregate in float64; the global model must stay the model's float32.
+    from tests.fake_grid import FakeGrid, FakeSite
+    from tests.test_site_identity import run, settings
+
+    s = settings(tmp_path, strategy_name=name, strategy_options="eta=0.01")
+    card = run(FakeGrid([FakeSite(1, "hospital-1"), FakeSite(2, "hospital-2")]), s)
+    assert card["rounds_by_site"] == {"hospital-1": [1, 2], "hospital-2": [1, 2]}
+    weights = torch.load(s.run_dir / "model.pt", weights_only=False)["state_dict"]
+    assert {str(t.dtype) for t in weights.values() if t.is_floating_point()} == {"torch.float32"}

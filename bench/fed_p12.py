@@ -1,0 +1,71 @@
+"""Federation recipes against the centralized model on the same test stays (PhysioNet 2012 by default).
+
+Takes hymate-sim's flags (the same for every row) for the data, model and local training, trains the centralized model
+once, then each ``--federation`` (extra hymate-sim flags: strategy, its options, rounds, local
+epochs, ...) on the same sites, splits and test stays. Prints, side by side: pooled test
+AUROC/AUPRC with bootstrap 95 % intervals, their means over the sites, rounds x local
+epochs, wall time, and each pooled AUROC over the centralized one (issue 13 bar: >= 0.99).
+
+    python bench/fed_p12.py --d-model 32 --max-events 400 --batch-size 128 --learning-rate 3e-3 \\
+        --federation "--strategy fedavg --rounds 10" \\
+        --federation "--strategy fedadam --strategy-option eta=0.01 --local-epochs 2 --rounds 10"
+
+The data default to .cache/data/physionet2012 (unpacked from ../shared/data/physionet2012.tar.gz),
+natural partition (the 4 ICU types); ``--sets a`` keeps only set-a's 4,000 stays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from p12 import ensure_data  # noqa: E402
+from variants import plan_text, run_protocol, variant_spec  # noqa: E402
+
+from simulation.cli import build_parser  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--federation", action="append", default=[])
+    own.add_argument("--no-centralized", action="store_true")
+    args, base = own.parse_known_args(argv)
+    if not args.federation:
+        print("bench/fed_p12.py: give at least one --federation 'FLAGS' (see the docstring)", file=sys.stderr)
+        return 2
+    parser = build_parser()
+    given = parser.parse_args(base)
+    if given.data is None:
+        base += ["--dataset", "physionet2012", "--data", str(ensure_data(None))]
+    root = Path(tempfile.mkdtemp(prefix="hymate-bench-fed-"))
+    print(f"runs in {root}", flush=True)
+
+    table: dict[str, dict] = {}
+    runs = [] if args.no_centralized else [("centralized", "", "centralized")]
+    runs += [(flags, flags, "federated") for flags in args.federation]
+    for i, (label, flags, protocol) in enumerate(runs):
+        spec = variant_spec(parser, base, flags, root / f"run-{i}")
+        result, seconds = run_protocol(spec, protocol)
+        plan = f"{spec.train.epochs} epochs max" if protocol == "centralized" else plan_text(spec)
+        table[label] = {"plan": plan} | result | {"wall s": round(seconds)}
+        print(f"{label}: {table[label]}", flush=True)
+
+    frame = pd.DataFrame(table).T
+    if "centralized" in table:
+        frame["AUROC / centralized"] = frame["pooled AUROC"] / table["centralized"]["pooled AUROC"]
+    print(
+        f"\nseed {given.seeds[0]}, split seed {given.split_seed}, {given.partition} sites, the same test stays in every row"
+    )
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 80):
+        print(frame.to_string(float_format=lambda x: f"{x:.4f}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
