@@ -364,6 +364,8 @@ class Federation:
             raise FederationError(f"round {server_round}: strategy {s.strategy.name} produced no model")
         new_weights = weights_from(new_arrays, weights)
 
+        # The sites evaluate the model as it will travel and be saved (weights_from's dtype).
+        new_arrays = weights_record(new_weights)
         messages = list(self.strategy.configure_evaluate(server_round, new_arrays, ConfigRecord(plan), self.grid))
         replies = send_and_receive(self.grid, messages, s.round_timeout)
         evaluated = screen_replies(messages, replies, "evaluate", None, self.identities, s.round_timeout)

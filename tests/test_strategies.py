@@ -98,7 +98,10 @@ def test_adaptive_server_optimisers_run_a_federation_in_the_models_dtype(tmp_pat
     from tests.test_site_identity import run, settings
 
     s = settings(tmp_path, strategy_name=name, strategy_options="eta=0.01")
-    card = run(FakeGrid([FakeSite(1, "hospital-1"), FakeSite(2, "hospital-2")]), s)
+    grid = FakeGrid([FakeSite(1, "hospital-1"), FakeSite(2, "hospital-2")])
+    card = run(grid, s)
     assert card["rounds_by_site"] == {"hospital-1": [1, 2], "hospital-2": [1, 2]}
+    evaluated = [m for m in grid.sent if m.metadata.message_type.startswith("evaluate")]
+    assert evaluated and all(m.content["arrays"]["weights"].dtype == "float32" for m in evaluated)
     weights = torch.load(s.run_dir / "model.pt", weights_only=False)["state_dict"]
     assert {str(t.dtype) for t in weights.values() if t.is_floating_point()} == {"torch.float32"}
