@@ -41,6 +41,7 @@ def test_the_three_commands_list_the_same_names_for_shared_settings():
         "--heads",
         "--dropout",
         "--scan-backend",
+        "--summary-branch",
     }
     assert dp == {"--dp-epsilon", "--dp-delta", "--dp-max-grad-norm", "--dp-accountant", "--dp-planned-rounds"}
     assert model | TRAINING | {"--rounds", "--local-epochs", "--strategy", "--strategy-option"} <= server & sim
