@@ -9,7 +9,9 @@ Read top to bottom, this file is the architecture (DESIGN.md section 3):
    event, so padding never reaches a real position.
 3. ``AttentionBlock`` x M: padding-masked multi-head self-attention (pre-norm).
 4. ``AttentionPooling``: ``softmax(u^T tanh(W x))`` over real events to one vector.
-5. ``StaticEncoder``: static features with missingness indicators to a vector.
+5. ``StaticEncoder``: static features with missingness indicators to a vector; with
+   ``summary_branch``, ``StaySummaries`` (each variable's first/last/min/max/mean z-scored
+   value and log count in the stay) go in next to them.
 6. A linear head on both vectors gives one logit (in-hospital death, sepsis, ...).
 
 Every parameter lives in an ``nn.Linear``, ``nn.LayerNorm``, ``nn.Embedding`` or
@@ -51,6 +53,7 @@ class HyMaTEConfig:
     dropout: float = 0.2
     time_scale_hours: float = 24.0
     scan_backend: str = "auto"
+    summary_branch: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -70,6 +73,9 @@ class ModelOptions:
     n_heads: int = setting(4, key="heads", help="attention heads")
     dropout: float = setting(0.2)
     scan_backend: str = setting("auto", choices=("auto", "cpu", "torch", "cuda"), help="selective-scan kernel")
+    summary_branch: bool = setting(
+        False, help="feed each stay's per-variable first/last/min/max/mean/log-count next to the static features"
+    )
 
     def for_table(self, table: StayTable) -> HyMaTEConfig:
         return self.for_schema(len(table.variables), len(table.static_names))
@@ -85,6 +91,7 @@ class ModelOptions:
             n_heads=self.n_heads,
             dropout=self.dropout,
             scan_backend=self.scan_backend,
+            summary_branch=self.summary_branch,
         )
 
 
@@ -331,17 +338,65 @@ class AttentionPooling(nn.Module):
         return torch.einsum("bl,bld->bd", weights, x), weights
 
 
-class StaticEncoder(nn.Module):
-    """Static features and their missingness indicators to one vector."""
+class StaySummaries(nn.Module):
+    """Per stay and variable: first, last, min, max and mean of its z-scored values, and log1p(count).
 
-    def __init__(self, n_static: int, d_model: int):
+    Why: gradient boosting on such summaries matches a sequence model on PhysioNet 2012, and
+    handing them to HyMaTE directly lets the sequence layers learn only what they add (a
+    probe reached validation AUROC 0.857 after one epoch). They are computed from the batch, so
+    they are per stay, need no statistic beyond the (federated) normaliser's, and change
+    nothing in the data path or in DP-SGD; the values are already z-scored per variable, so the
+    value summaries share that scale, and an unmeasured variable reads 0 with count 0. No
+    parameters: Opacus sees only the encoder's ``nn.Linear`` behind it.
+    """
+
+    n_summaries = 6
+
+    def __init__(self, n_variables: int):
         super().__init__()
-        self.inner = nn.Linear(2 * n_static, d_model)
+        self.n_variables = n_variables
+
+    def forward(self, variables: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, 6 * n_variables): the six summaries, each a block of n_variables columns."""
+        b, length = variables.shape
+        cells = self.n_variables + 1  # column 0 collects padding and is dropped
+        cell = torch.where(mask, variables, torch.zeros_like(variables))
+        real = mask.to(values.dtype)
+        values = values * real
+
+        def reduce(source: torch.Tensor, how: str, start: float) -> torch.Tensor:
+            out = torch.full((b, cells), start, dtype=source.dtype, device=source.device)
+            return out.scatter_reduce_(1, cell, source, how, include_self=True)
+
+        count = torch.zeros(b, cells, dtype=values.dtype, device=values.device).scatter_add_(1, cell, real)
+        seen = count > 0
+        mean = torch.zeros_like(count).scatter_add_(1, cell, values) / count.clamp(min=1)
+        low = reduce(values.masked_fill(~mask, math.inf), "amin", math.inf)
+        high = reduce(values.masked_fill(~mask, -math.inf), "amax", -math.inf)
+        position = torch.arange(length, device=variables.device).expand(b, length)
+        # Events are time-sorted: a variable's first and last values sit at its lowest and
+        # highest position (clamped into range where it was never measured, then zeroed).
+        first = values.gather(1, reduce(position.masked_fill(~mask, length), "amin", length).clamp(max=length - 1))
+        last = values.gather(1, reduce(position.masked_fill(~mask, -1), "amax", -1).clamp(min=0))
+        zero = torch.zeros_like(count)
+        stats = [torch.where(seen, s, zero) for s in (first, last, low, high, mean)] + [torch.log1p(count)]
+        return torch.cat([s[:, 1:] for s in stats], dim=-1)
+
+
+class StaticEncoder(nn.Module):
+    """Static features and their missingness indicators (and any extra per-stay features) to one vector."""
+
+    def __init__(self, n_static: int, d_model: int, n_extra: int = 0):
+        super().__init__()
+        self.inner = nn.Linear(2 * n_static + n_extra, d_model)
         self.outer = nn.Linear(d_model, d_model)
 
-    def forward(self, static: torch.Tensor, static_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, static: torch.Tensor, static_mask: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
         present = static_mask.to(static.dtype)
-        return self.outer(torch.tanh(self.inner(torch.cat([static * present, present], dim=-1))))
+        inputs = [static * present, present] + ([extra] if extra is not None else [])
+        return self.outer(torch.tanh(self.inner(torch.cat(inputs, dim=-1))))
 
 
 @dataclass
@@ -360,7 +415,9 @@ class HyMaTE(nn.Module):
         self.attention = nn.ModuleList(AttentionBlock(config) for _ in range(config.n_attention_layers))
         self.norm = nn.LayerNorm(config.d_model)
         self.pooling = AttentionPooling(config.d_model)
-        self.static = StaticEncoder(config.n_static, config.d_model)
+        self.summaries = StaySummaries(config.n_variables) if config.summary_branch else None
+        n_summaries = StaySummaries.n_summaries * config.n_variables if config.summary_branch else 0
+        self.static = StaticEncoder(config.n_static, config.d_model, n_summaries)
         self.head = nn.Linear(2 * config.d_model, 1)
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -385,7 +442,8 @@ class HyMaTE(nn.Module):
         for block in self.attention:
             x, attention = block(x, attend, need_attention)
         pooled, weights = self.pooling(self.norm(x), mask)
-        return torch.cat([pooled, self.static(batch.static, batch.static_mask)], dim=-1), weights, attention
+        summaries = self.summaries(batch.variables, batch.values, mask) if self.summaries is not None else None
+        return torch.cat([pooled, self.static(batch.static, batch.static_mask, summaries)], dim=-1), weights, attention
 
     @torch.no_grad()
     def variable_importance(self, batch: Batch) -> torch.Tensor:

@@ -33,7 +33,7 @@ from hymate.data.batches import StayDataset, make_loader
 from hymate.data.stays import StayTable
 from hymate.model import HyMaTE, ModelOptions
 from hymate.model_bundle import ModelBundle, initial_weights
-from hymate.settings_fields import run_config_of
+from hymate.settings_fields import config_key, run_config_of
 from hymate.train import TrainConfig, fit, positive_class_weight
 from server.run_dir import RunDirectory
 from server.secure_aggregation import SecureAggregationSettings
@@ -283,13 +283,7 @@ class Experiment:
             "clip-grad-norm": spec.train.clip_grad_norm,
             "max-events": spec.train.max_events,
             "seed": seed,
-            "d-model": spec.model.d_model,
-            "mamba-layers": spec.model.n_mamba_layers,
-            "d-state": spec.model.d_state,
-            "attention-layers": spec.model.n_attention_layers,
-            "heads": spec.model.n_heads,
-            "dropout": spec.model.dropout,
-            "scan-backend": spec.model.scan_backend,
+            **{config_key(f): getattr(spec.model, f.name) for f in dataclasses.fields(ModelOptions)},
             "init-from": spec.init_from,
             "freeze": spec.train.freeze,
         } | run_config_of(spec.secure_aggregation)

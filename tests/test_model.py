@@ -1,5 +1,7 @@
 """HyMaTE model: padding invariance, empty stays, interpretability, backends agreeing."""
 
+import math
+
 import pytest
 import torch
 
@@ -113,3 +115,42 @@ def test_a_missing_event_changes_the_prediction():
 def test_config_rejects_heads_that_do_not_divide_width():
     with pytest.raises(ValueError, match="divisible"):
         HyMaTEConfig(n_variables=3, n_static=1, d_model=10, n_heads=4)
+
+
+def test_stay_summaries_are_each_variables_first_last_min_max_mean_and_log_count():
+    from hymate.model import StaySummaries
+
+    batch = random_batch([9, 14, 0, 3], n_variables=4, seed=3)
+    got = StaySummaries(4)(batch.variables, batch.values, batch.mask).view(4, 6, 4)
+    for row in range(4):
+        real = batch.mask[row]
+        for k in range(1, 5):
+            seen = batch.values[row][real & (batch.variables[row] == k)]
+            if len(seen):
+                expected = [seen[0], seen[-1], seen.min(), seen.max(), seen.mean(), math.log1p(len(seen))]
+            else:
+                expected = [0.0] * 6
+            torch.testing.assert_close(got[row, :, k - 1], torch.tensor(expected, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_the_summary_branch_ignores_padding_and_reads_the_events(backend):
+    model = small_model(backend, summary_branch=True)
+    plain = small_model(backend)
+    batch = random_batch([5, 12, 1, 9])
+    with torch.no_grad():
+        before = model(batch)
+        torch.testing.assert_close(model(pad_more(batch, 17)), before, rtol=1e-5, atol=1e-5)
+        assert model.static.inner.in_features == plain.static.inner.in_features + 6 * 7
+        # A changed value moves the logit through the summaries even with the sequence path cut off.
+        for block in model.mamba:
+            torch.nn.init.zeros_(block.mixer.out_proj.weight)
+            torch.nn.init.zeros_(block.ffn.down.weight)
+            torch.nn.init.zeros_(block.ffn.down.bias)
+        torch.nn.init.zeros_(model.head.weight[:, :16])
+        values = batch.values.clone()
+        values[1, 0] += 2.0
+        changed = Batch(batch.times, batch.variables, values, batch.mask, batch.static, batch.static_mask, batch.label)
+        cut = model(batch)
+        assert model(changed)[1] != cut[1]
+        torch.testing.assert_close(model(changed)[[0, 2, 3]], cut[[0, 2, 3]])
