@@ -92,7 +92,7 @@ class FittedBaseline:
     kind: str
     model: BaseEstimator
     params: dict[str, Any]
-    cv_score: float  # out-of-fold AUROC + AUPRC of the chosen parameters
+    cv_score: float  # out-of-fold AUROC + AUPRC of the chosen parameters (NaN: a one-point grid, no CV)
 
     def predict(self, table: StayTable) -> np.ndarray:
         return self.model.predict_proba(summary_features(table))[:, 1]
@@ -119,11 +119,14 @@ def fit_baseline(
     # Columns no training stay fills (a shared-vocabulary variable the source never records) carry
     # no information, and scikit-learn's binning fails on a column with no value: 0 for the fit.
     features[:, np.isnan(features).all(axis=0)] = 0.0
+    choices = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    if len(choices) == 1:  # nothing to choose between: no cross-validation
+        model = _seeded(spec.estimator, choices[0], seed).fit(features, labels)
+        return FittedBaseline(kind, model, choices[0], float("nan"))
     cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     fold_rows = list(cv.split(features, labels, groups=train.patient_ids.astype(str)))
     best: tuple[float, dict[str, Any]] | None = None
-    for values in itertools.product(*grid.values()):
-        params = dict(zip(grid, values, strict=True))
+    for params in choices:
         out_of_fold = np.zeros(len(labels))
         for fit_rows, held_rows in fold_rows:
             model = _seeded(spec.estimator, params, seed).fit(features[fit_rows], labels[fit_rows])
