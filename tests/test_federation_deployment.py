@@ -40,6 +40,11 @@ def weights(d: Deployment, r: int) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
+# Calibrated for 4 rounds, so hospital 1 can train round 2 twice (once before the crash, when the
+# round started before the coordinator was killed, and again after the resume) within its budget.
+ROOMY_BUDGET = ("--dp-epsilon", "50", "--dp-planned-rounds", "4")
+
+
 def test_three_hospitals_over_tls_a_coordinator_crash_and_privacy_budgets(deployment):
     """Three hospitals train round 1 over TLS and send nothing but updates. Then the coordinator
     crashes and resumes; hospital 3 is gone for good; hospital 1 (DP, roomy budget) restarts
@@ -50,7 +55,7 @@ def test_three_hospitals_over_tls_a_coordinator_crash_and_privacy_budgets(deploy
     server = d.start_server("--rounds", "2", "--min-clients", "1", "--min-connected", "3")
     wait_until(lambda: "registered site hospital-3" in d.log("server.log"), 90, "the SuperLink to register the sites")
     clients = {
-        1: d.start_client(1, "--dp-epsilon", "50"),
+        1: d.start_client(1, *ROOMY_BUDGET),
         2: d.start_client(2, "--dp-epsilon", "2", "--dp-planned-rounds", "1"),
         3: d.start_client(3),
     }
@@ -63,7 +68,7 @@ def test_three_hospitals_over_tls_a_coordinator_crash_and_privacy_budgets(deploy
     kill_group(server)  # the coordinator crashes (SIGKILL) after round 1 ...
     kill_group(clients[3])  # ... hospital 3 goes away for good ...
     kill_group(clients[1], signal.SIGTERM)  # ... and hospital 1 restarts
-    d.start_client(1, "--dp-epsilon", "50")
+    d.start_client(1, *ROOMY_BUDGET)
     restarted_at = time.time()
     # Hospital 2's SuperNode gives up on the dead coordinator and is restarted by hymate-client;
     # the resumed round waits for it (two sites connected) but closes with one reply.
