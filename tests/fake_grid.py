@@ -109,8 +109,32 @@ def offline_reply(message: Message) -> Message:
     return Message(metadata=metadata, error=Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"))
 
 
+class AnsweringGrid(Grid):
+    """A Grid whose ``push_messages`` puts each reply in ``self._replies`` at once: what the
+    test grids share. The rest of Flower's Grid interface is unused by the coordinator's loop."""
+
+    _replies: dict[str, Message]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    # Unused by the coordinator's loop, required by the interface.
+    def set_run(self, run):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        raise NotImplementedError
+
+
 @dataclass
-class FakeGrid(Grid):
+class FakeGrid(AnsweringGrid):
     sites: list[FakeSite]
     queried: bool = False
     server_round: int = 0
@@ -147,20 +171,3 @@ class FakeGrid(Grid):
             if (reply := by_id[message.metadata.dst_node_id].reply(message, self.server_round)) is not None:
                 self._replies[message.metadata.message_id] = reply
         return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return self.pull_messages(self.push_messages(messages))
-
-    # Unused by the coordinator's loop, required by the interface.
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        raise NotImplementedError

@@ -22,7 +22,6 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
-from flwr.serverapp import Grid
 
 from client.audit import make_audit_mod
 from client.secure_aggregation import is_required, local_moments, make_secure_aggregation_mod
@@ -31,6 +30,7 @@ from client.training import clipped_as_asked
 from hymate.data import LoadSummary, split_stays
 from hymate.data.stays import StayTable
 from hymate.weight_vector import WEIGHTS_KEY
+from tests.fake_grid import AnsweringGrid
 
 
 def local_data(table: StayTable, site: str, name: str, state_dir: Path) -> LocalData:
@@ -116,7 +116,7 @@ def _stage(message: Message) -> str | None:
 
 
 @dataclass
-class AppGrid(Grid):
+class AppGrid(AnsweringGrid):
     """The coordinator's view of ``sites``: every message is answered at once by a copy of it
     run through the site's ClientApp (an exception becomes an error reply, as at a real site)."""
 
@@ -159,19 +159,3 @@ class AppGrid(Grid):
                 )
             self._replies[message.metadata.message_id] = reply
         return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return self.pull_messages(self.push_messages(messages))
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        raise NotImplementedError
