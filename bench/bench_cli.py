@@ -9,7 +9,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from comparison import RunRecord
+from comparison import RunRecord, summarise
 
 from hymate.data import VocabularyChoice
 from hymate.model import ModelOptions
@@ -71,10 +71,14 @@ def hymate_settings(args: argparse.Namespace, seed: int) -> tuple[ModelOptions, 
     )
 
 
-def start(args: argparse.Namespace) -> RunRecord:
-    """Logging, the run record in --out, and the machine's load printed beside the times to come."""
+def start(args: argparse.Namespace) -> RunRecord | None:
+    """Logging, the run record in --out, and the machine's load printed beside the times to come;
+    None once ``--summarise`` has printed the summary of the runs already there."""
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
     record = RunRecord(args.out)
+    if args.summarise:
+        print(summarise(record, args.bootstrap))
+        return None
     load = os.getloadavg()
     print(f"results in {args.out}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     return record

@@ -40,8 +40,7 @@ def main() -> None:
     p.add_argument("--protocol", choices=("lineage", "random5"), default="lineage")
     args = p.parse_args()
     record = start(args)
-    if args.summarise:
-        print(summarise(record, args.bootstrap))
+    if record is None:
         return
     root = ensure_data(args.data, "physionet2012")
     t0 = time.perf_counter()

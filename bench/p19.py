@@ -48,8 +48,7 @@ def main() -> None:
     p.add_argument("--max-train-stays", type=int, default=0, help="cap on the developing stays (stratified draw)")
     args = p.parse_args()
     record = start(args)
-    if args.summarise:
-        print(summarise(record, args.bootstrap))
+    if record is None:
         return
     root = ensure_data(args.data, "physionet2019")
     t0 = time.perf_counter()
