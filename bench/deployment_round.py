@@ -5,10 +5,12 @@ node authentication, synthetic sites) and reports, per round, the round's wall t
 slowest site's local work (its train plus evaluate handler seconds, as the site measured
 them), with the peak RSS of the coordinator's and each site's whole process tree.
 
-    .venv/bin/python bench/deployment_round.py --sites 3 --rounds 4 [--d-model 16]
+    .venv/bin/python bench/deployment_round.py --sites 3 --rounds 4 [--d-model 64]
 
-Round 1 includes one-off start-up (imports, numba's compiled kernels, the data); the median
-over the later rounds is the steady state. Run it on a quiet machine: every process here
+The ratio shows the fixed cost per round (about 2 s: polling at each hop, transfers,
+checkpoints); at a toy width such as 16 that cost dominates. Round 1 includes one-off start-up
+(imports, numba's compiled kernels, the data); the median over the later rounds is the steady
+state. Run it on a quiet machine: every process here
 shares the same cores.
 """
 
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -61,22 +64,21 @@ class PeakMemory(threading.Thread):
                 self.peaks[name] = max(self.peaks[name], tree_rss_mb(pid))
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=16, help="model width (the sites' local work grows with it)")
-    args = p.parse_args()
+@dataclass
+class FederationRun:
+    rounds: list[dict]  # each round's metrics as the coordinator wrote them (server.run_dir)
+    total_seconds: float
+    peaks: dict[str, float]  # peak RSS (MB) of each role's whole process tree
 
+
+def federation(sites: int, rounds: int, d_model: int, *flags: str) -> FederationRun:
+    """A real federation on 127.0.0.1: hymate-server and ``sites`` hymate-clients, each given ``flags``."""
     with tempfile.TemporaryDirectory(prefix="hymate-bench-") as tmp:
-        d = Deployment(Path(tmp), n_sites=args.sites)
+        d = Deployment(Path(tmp), n_sites=sites)
         started = time.monotonic()
-        server = d.start_server(
-            "--rounds", str(args.rounds), "--min-clients", str(args.sites), "--d-model", str(args.d_model)
-        )
-        wait_until(lambda: "registered site" in d.log("server.log"), 120, "the sites to be registered")
-        time.sleep(5)  # all sites registered (the log names each; their count differs by version)
-        clients = {f"site {i}": d.start_client(i).pid for i in range(1, args.sites + 1)}
+        server = d.start_server("--rounds", str(rounds), "--min-clients", str(sites), "--d-model", str(d_model), *flags)
+        wait_until(lambda: f"registered site {d.site_name(sites)}" in d.log("server.log"), 120, "the sites' keys")
+        clients = {f"site {i}": d.start_client(i, *flags).pid for i in range(1, sites + 1)}
         memory = PeakMemory({"coordinator": server.pid, **clients})
         memory.start()
         try:
@@ -84,26 +86,39 @@ def main() -> int:
         finally:
             memory.done.set()
             d.stop()
-        total = time.monotonic() - started
         if code != 0:
-            print(d.log("server.log")[-3000:], file=sys.stderr)
-            return 1
-        print(f"{args.sites} sites, {args.rounds} rounds, {total:.0f} s from start to finish")
-        print("round  wall s  slowest site's train+evaluate s  ratio")
-        ratios = []
+            raise RuntimeError(d.log("server.log")[-3000:])
         run = RunDirectory(d.run_dir)
-        for r in range(1, args.rounds + 1):
-            m = run.read_round(r).metrics
-            local = max(
-                m["sites"]["train"][s]["seconds"] + m["sites"]["evaluate"].get(s, {}).get("seconds", 0.0)
-                for s in m["sites"]["train"]
-            )
-            ratios.append(m["seconds"] / local)
-            print(f"{r:5d}  {m['seconds']:6.1f}  {local:32.1f}  {ratios[-1]:5.2f}")
-        steady = ratios[1:] or ratios
-        print(f"median ratio over rounds 2-{args.rounds}: {statistics.median(steady):.2f}")
-        for name, peak in memory.peaks.items():
-            print(f"peak RSS {name}: {peak:.0f} MB (whole process tree)")
+        metrics = [run.read_round(r).metrics for r in range(1, rounds + 1)]
+        return FederationRun(metrics, time.monotonic() - started, dict(memory.peaks))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument(
+        "--d-model",
+        type=int,
+        default=64,
+        help="model width: 64 is the default model (the sites' local work grows with it)",
+    )
+    args = p.parse_args()
+    run = federation(args.sites, args.rounds, args.d_model)
+    print(f"{args.sites} sites, {args.rounds} rounds, {run.total_seconds:.0f} s from start to finish")
+    print("round  wall s  slowest site's train+evaluate s  ratio")
+    ratios = []
+    for r, m in enumerate(run.rounds, start=1):
+        local = max(
+            m["sites"]["train"][s]["seconds"] + m["sites"]["evaluate"].get(s, {}).get("seconds", 0.0)
+            for s in m["sites"]["train"]
+        )
+        ratios.append(m["seconds"] / local)
+        print(f"{r:5d}  {m['seconds']:6.1f}  {local:32.1f}  {ratios[-1]:5.2f}")
+    steady = ratios[1:] or ratios
+    print(f"median ratio over rounds 2-{args.rounds}: {statistics.median(steady):.2f}")
+    for name, peak in run.peaks.items():
+        print(f"peak RSS {name}: {peak:.0f} MB (whole process tree)")
     return 0
 
 

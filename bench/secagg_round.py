@@ -17,38 +17,11 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.deployment_round import PeakMemory  # noqa: E402
-from server.run_dir import RunDirectory  # noqa: E402
-from tests.deployment import Deployment, wait_until  # noqa: E402
-
-
-def federation(sites: int, rounds: int, d_model: int, secure: bool) -> dict:
-    """One federation's round seconds, start-to-finish seconds and peak RSS per role."""
-    flag = ["--secure-aggregation"] if secure else []
-    with tempfile.TemporaryDirectory(prefix="hymate-bench-") as tmp:
-        d = Deployment(Path(tmp), n_sites=sites)
-        started = time.monotonic()
-        server = d.start_server("--rounds", str(rounds), "--min-clients", str(sites), "--d-model", str(d_model), *flag)
-        wait_until(lambda: f"registered site {d.site_name(sites)}" in d.log("server.log"), 120, "the sites' keys")
-        clients = {f"site {i}": d.start_client(i, *flag).pid for i in range(1, sites + 1)}
-        memory = PeakMemory({"coordinator": server.pid, **clients})
-        memory.start()
-        try:
-            code = d.wait_server(server, 1800)
-        finally:
-            memory.done.set()
-            d.stop()
-        if code != 0:
-            raise RuntimeError(d.log("server.log")[-3000:])
-        run = RunDirectory(d.run_dir)
-        seconds = [run.read_round(r).metrics["seconds"] for r in range(1, rounds + 1)]
-        return {"seconds": seconds, "total": time.monotonic() - started, "peaks": dict(memory.peaks)}
+from bench.deployment_round import federation  # noqa: E402
 
 
 def main() -> int:
@@ -58,18 +31,20 @@ def main() -> int:
     p.add_argument("--d-model", type=int, default=16, help="model width (the update SecAgg+ masks grows with it)")
     args = p.parse_args()
     print(f"{args.sites} sites, {args.rounds} rounds, d_model {args.d_model}; load average {os.getloadavg()}")
-    runs = {name: federation(args.sites, args.rounds, args.d_model, name == "secure") for name in ("plain", "secure")}
+    flags = {"plain": (), "secure": ("--secure-aggregation",)}
+    runs = {name: federation(args.sites, args.rounds, args.d_model, *f) for name, f in flags.items()}
+    seconds = {name: [m["seconds"] for m in run.rounds] for name, run in runs.items()}
     print("round  plain s  secure s")
     for r in range(args.rounds):
-        print(f"{r + 1:5d}  {runs['plain']['seconds'][r]:7.1f}  {runs['secure']['seconds'][r]:8.1f}")
-    medians = {name: statistics.median(run["seconds"][1:] or run["seconds"]) for name, run in runs.items()}
+        print(f"{r + 1:5d}  {seconds['plain'][r]:7.1f}  {seconds['secure'][r]:8.1f}")
+    medians = {name: statistics.median(s[1:] or s) for name, s in seconds.items()}
     print(
         f"median round over rounds 2-{args.rounds}: plain {medians['plain']:.1f} s, secure {medians['secure']:.1f} s, "
         f"ratio {medians['secure'] / medians['plain']:.2f}"
     )
     for name, run in runs.items():
-        peaks = ", ".join(f"{role} {mb:.0f} MB" for role, mb in run["peaks"].items())
-        print(f"{name}: {run['total']:.0f} s start to finish; peak RSS (process trees): {peaks}")
+        peaks = ", ".join(f"{role} {mb:.0f} MB" for role, mb in run.peaks.items())
+        print(f"{name}: {run.total_seconds:.0f} s start to finish; peak RSS (process trees): {peaks}")
     print(f"load average at the end {os.getloadavg()}")
     return 0
 
