@@ -36,6 +36,12 @@ from hymate.data.stays import StayTable
 from hymate.settings_fields import setting
 from hymate.ssm import ScanGradSink, causal_conv1d, selective_scan
 
+# How the classification head starts. "zero" makes every first prediction the same, so the first
+# gradient steps, not the draw, decide how each feature counts. A random head is already a
+# ranking (AUROC 0.36-0.63 over 30 draws on PhysioNet 2012 with a pre-trained encoder), and the
+# few dozen noisy DP-SGD steps a small site can afford do not undo it.
+HEAD_INITS: tuple[str, ...] = ("random", "zero")
+
 
 @dataclass(frozen=True)
 class HyMaTEConfig:
@@ -54,8 +60,11 @@ class HyMaTEConfig:
     time_scale_hours: float = 24.0
     scan_backend: str = "auto"
     summary_branch: bool = False
+    head_init: str = "random"
 
     def __post_init__(self) -> None:
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"unknown head_init {self.head_init!r}; valid: {', '.join(HEAD_INITS)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_variables < 1:
@@ -76,6 +85,12 @@ class ModelOptions:
     summary_branch: bool = setting(
         False, help="feed each stay's per-variable first/last/min/max/mean/log-count next to the static features"
     )
+    head_init: str = setting(
+        "random",
+        choices=HEAD_INITS,
+        help="the classification head's starting weights (also over an --init-from checkpoint's): random, or zero "
+        "so that training alone sets the sign of each feature (for DP-SGD's few noisy steps)",
+    )
 
     def for_table(self, table: StayTable) -> HyMaTEConfig:
         return self.for_schema(len(table.variables), len(table.static_names))
@@ -92,6 +107,7 @@ class ModelOptions:
             dropout=self.dropout,
             scan_backend=self.scan_backend,
             summary_branch=self.summary_branch,
+            head_init=self.head_init,
         )
 
 
@@ -406,6 +422,13 @@ class HyMaTEOutput:
     attention: torch.Tensor | None  # (B, L, L) of the last attention layer, when asked for
 
 
+def zero_head(state: dict[str, torch.Tensor]) -> None:
+    """Set the classification head's weight and bias in ``state`` (a state dict) to zero, in place."""
+    with torch.no_grad():
+        for name in ("head.weight", "head.bias"):
+            state[name].zero_()
+
+
 class HyMaTE(nn.Module):
     def __init__(self, config: HyMaTEConfig):
         super().__init__()
@@ -419,6 +442,8 @@ class HyMaTE(nn.Module):
         n_summaries = StaySummaries.n_summaries * config.n_variables if config.summary_branch else 0
         self.static = StaticEncoder(config.n_static, config.d_model, n_summaries)
         self.head = nn.Linear(2 * config.d_model, 1)
+        if config.head_init == "zero":
+            zero_head(self.state_dict(keep_vars=True))
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits (B,) for a padded batch."""

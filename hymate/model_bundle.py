@@ -19,7 +19,7 @@ import torch
 
 from hymate.data.normalization import Normalizer
 from hymate.files import atomic_write_bytes
-from hymate.model import HyMaTE, HyMaTEConfig, ModelOptions
+from hymate.model import HyMaTE, HyMaTEConfig, ModelOptions, zero_head
 from hymate.settings_fields import setting
 
 # The architecture fields a checkpoint's weights fix (dropout and the scan kernel are free).
@@ -112,4 +112,7 @@ def initial_weights(
         shape = " ".join(f"{flag} {getattr(bundle.config, f)}" for f, flag in SHAPE_FIELDS.items())
         asked = ", ".join(f"{SHAPE_FIELDS[f]} {getattr(wanted, f)}" for f in differs)
         raise ValueError(f"--init-from {path}: the checkpoint's model is {shape}; this run asks for {asked}")
-    return bundle.state_dict
+    state = {k: v.clone() for k, v in bundle.state_dict.items()}
+    if wanted.head_init == "zero":
+        zero_head(state)
+    return state

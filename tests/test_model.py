@@ -154,3 +154,15 @@ def test_the_summary_branch_ignores_padding_and_reads_the_events(backend):
         cut = model(batch)
         assert model(changed)[1] != cut[1]
         torch.testing.assert_close(model(changed)[[0, 2, 3]], cut[[0, 2, 3]])
+
+
+def test_a_zero_head_predicts_one_value_for_every_stay_until_it_trains():
+    config = HyMaTEConfig(n_variables=7, n_static=3, d_model=16, n_heads=2, head_init="zero")
+    torch.manual_seed(0)
+    model = HyMaTE(config).eval()
+    batch = random_batch([5, 9, 3, 12])
+    assert torch.equal(model(batch), torch.zeros(4))
+    torch.nn.functional.binary_cross_entropy_with_logits(model.train()(batch), batch.label).backward()
+    assert model.head.weight.grad.abs().sum() > 0  # the first step gives the head its signs
+    with pytest.raises(ValueError, match="head_init"):
+        HyMaTEConfig(n_variables=7, n_static=3, head_init="xavier")

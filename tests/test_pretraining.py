@@ -104,6 +104,18 @@ def test_initial_weights_check_vocabulary_and_shape(tmp_path):
         initial_weights(tmp_path / "missing.pt", TINY, table.variables, table.static_names)
 
 
+def test_head_init_zero_starts_a_checkpoints_encoder_with_a_zero_head(tmp_path):
+    table = synthetic(20)
+    model = HyMaTE(TINY.for_table(table))
+    ModelBundle(TINY.for_table(table), model.state_dict(), MomentSums.from_table(table).to_normalizer(),
+                table.variables, table.static_names).save(tmp_path / "model.pt")  # fmt: skip
+    state = initial_weights(tmp_path / "model.pt", replace(TINY, head_init="zero"), table.variables, table.static_names)
+    assert not state["head.weight"].any() and not state["head.bias"].any()
+    encoder = [k for k in state if not k.startswith("head.")]
+    assert encoder and all(torch.equal(state[k], model.state_dict()[k]) for k in encoder)
+    assert model.state_dict()["head.weight"].any()  # the checkpoint's own head is left as it was
+
+
 def _gradients(model: HyMaTE, table, part: str) -> dict[str, bool]:
     optimizer = make_optimizer(model, TrainConfig(freeze=part))
     normalizer = MomentSums.from_table(table).to_normalizer()
