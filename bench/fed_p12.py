@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from p12 import ensure_data  # noqa: E402
+from bench_cli import ensure_data  # noqa: E402
 from variants import plan_text, run_protocol, variant_spec  # noqa: E402
 
 from simulation.cli import build_parser  # noqa: E402
@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     parser = build_parser()
     given = parser.parse_args(base)
-    if given.data is None:
-        base += ["--dataset", "physionet2012", "--data", str(ensure_data(None))]
+    if given.data is None and "--dataset" not in base:  # PhysioNet 2012 unless another dataset is named
+        base += ["--dataset", "physionet2012", "--data", str(ensure_data(None, "physionet2012"))]
+        given = parser.parse_args(base)
     root = Path(tempfile.mkdtemp(prefix="hymate-bench-fed-"))
     print(f"runs in {root}", flush=True)
 
