@@ -45,7 +45,7 @@ def _cmdline(pid: int) -> str:
     return ""
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(260)
 def test_ctrl_c_stops_hymate_sim_with_exit_130_and_leaves_no_process(tmp_path):
     out = tmp_path / "sim"
     stderr = tmp_path / "stderr.txt"
@@ -68,7 +68,7 @@ def test_ctrl_c_stops_hymate_sim_with_exit_130_and_leaves_no_process(tmp_path):
         assert sim.poll() is None, stderr.read_text()[-2000:]
         assert len(started) > 1
         os.killpg(sim.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        code = sim.wait(timeout=70)
+        code = sim.wait(timeout=150)  # Ray's shutdown once took over 70 s inside the full suite (31 s alone)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(sim.pid, signal.SIGKILL)
