@@ -10,8 +10,7 @@ them), with the peak RSS of the coordinator's and each site's whole process tree
 The ratio shows the fixed cost per round (about 2 s: polling at each hop, transfers,
 checkpoints); at a toy width such as 16 that cost dominates. Round 1 includes one-off start-up
 (imports, numba's compiled kernels, the data); the median over the later rounds is the steady
-state. Run it on a quiet machine: every process here
-shares the same cores.
+state. Run it on a quiet machine: every process here shares the same cores.
 """
 
 from __future__ import annotations

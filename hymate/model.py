@@ -443,7 +443,7 @@ class HyMaTE(nn.Module):
         self.static = StaticEncoder(config.n_static, config.d_model, n_summaries)
         self.head = nn.Linear(2 * config.d_model, 1)
         if config.head_init == "zero":
-            zero_head(self.state_dict(keep_vars=True))
+            zero_head(dict(self.head.named_parameters(prefix="head")))
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits (B,) for a padded batch."""

@@ -112,7 +112,6 @@ def initial_weights(
         shape = " ".join(f"{flag} {getattr(bundle.config, f)}" for f, flag in SHAPE_FIELDS.items())
         asked = ", ".join(f"{SHAPE_FIELDS[f]} {getattr(wanted, f)}" for f in differs)
         raise ValueError(f"--init-from {path}: the checkpoint's model is {shape}; this run asks for {asked}")
-    state = {k: v.clone() for k, v in bundle.state_dict.items()}
     if wanted.head_init == "zero":
-        zero_head(state)
-    return state
+        zero_head(bundle.state_dict)  # the bundle was loaded here for this call alone
+    return bundle.state_dict
