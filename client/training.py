@@ -19,10 +19,12 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_
 from client.local_norms import load_local_norms, save_local_norms
 from client.site import LocalData
 from hymate.data.batches import StayDataset, make_loader
+from hymate.data.stays import StayTable
 from hymate.local_plan import LocalPlan
 from hymate.model import HyMaTE
 from hymate.privacy import PrivacyLedger, plan_round, train_private_round
 from hymate.train import (
+    Evaluation,
     ProximalTerm,
     TrainConfig,
     evaluate,
@@ -158,18 +160,30 @@ def clipped_as_asked(trained: np.ndarray, received: np.ndarray, config: Mapping[
 
 
 def evaluate_locally(plan: LocalPlan, data: LocalData, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Loss, AUROC, AUPRC and n of the received model on the site's test stays."""
+    """Loss, AUROC, AUPRC and n of the received model on the site's test stays, and the same on
+    its validation stays (``val-*``): what the coordinator keeps the best round by
+    (server.round_selection), so that the test stays never choose the model they score."""
     model = received_model(plan, data, arrays)
     device = select_device(data.settings.device)
-    loader = make_loader(StayDataset(data.test, plan.normalizer, plan.max_events), 2 * plan.batch_size, False)
-    result = evaluate(model.to(device), loader, device, positive_class_weight(data.train.labels))
+    model.to(device)
+    pos_weight = positive_class_weight(data.train.labels)
+
+    def on(table: StayTable) -> Evaluation:
+        loader = make_loader(StayDataset(table, plan.normalizer, plan.max_events), 2 * plan.batch_size, False)
+        return evaluate(model, loader, device, pos_weight)
+
+    test, val = on(data.test), on(data.val)
     # The positives count lets the coordinator put 95 % intervals on AUROC and AUPRC; like the
     # prevalence in the provenance it is an aggregate of the site's test stays.
     positives = int(data.test.labels.sum())
     return {
-        "loss": result.loss,
-        "auroc": result.auroc,
-        "auprc": result.auprc,
-        "num-examples": result.n,
+        "loss": test.loss,
+        "auroc": test.auroc,
+        "auprc": test.auprc,
+        "num-examples": test.n,
         "num-positives": positives,
+        "val-loss": val.loss,
+        "val-auroc": val.auroc,
+        "val-auprc": val.auprc,
+        "val-num-examples": val.n,
     }

@@ -48,6 +48,7 @@ from server.events import EventLog
 from server.exchange import send_and_receive
 from server.federation_facts import FederationFacts
 from server.model_card import metrics_table, model_card, render_markdown
+from server.round_selection import kept_round
 from server.run_dir import RoundCheckpoint, RunDirectory, restore_strategy_state, strategy_state
 from server.screening import DropoutReports, Rejection, Screened, screen_replies
 from server.secure_aggregation import SecureAggregationFailed, SecureAggregator
@@ -212,13 +213,19 @@ class Federation:
         plan = s.plan(facts.build_normalizer()).to_record()
         for server_round in range((done[-1] if done else 0) + 1, s.rounds + 1):
             weights = self.run_round(server_round, weights, plan)
-        return self.write_final_outputs(facts, self.bundle(facts, weights))
+        return self.write_final_outputs(facts, weights)
 
-    def write_final_outputs(self, facts: FederationFacts, bundle: ModelBundle) -> dict[str, Any]:
-        """The model, then its card (which holds the model's SHA-256) and every round's metrics."""
+    def write_final_outputs(self, facts: FederationFacts, last_weights: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The kept round's model (``keep-round``), then its card (which holds the model's SHA-256)
+        and every round's metrics."""
         history = self.run_dir.history()
-        model_file = self.run_dir.save_model(bundle)
-        card = model_card(history, self.settings, facts, model_file, self.run_id)
+        kept = kept_round(history, self.settings.selection.keep_round)
+        weights = last_weights
+        if kept.round != history[-1]["round"]:
+            log.info("keeping round %d of %d (%s)", kept.round, history[-1]["round"], kept.rule)
+            weights = self.run_dir.read_round(kept.round).weights
+        model_file = self.run_dir.save_model(self.bundle(facts, weights))
+        card = model_card(history, self.settings, facts, model_file, kept, self.run_id)
         self.run_dir.write_model_card(card, render_markdown(card, model_file.name), metrics_table(history))
         return card
 

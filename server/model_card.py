@@ -24,6 +24,7 @@ from hymate.files import to_jsonable
 from server.federation_facts import FederationFacts
 from server.label_definitions import label_definition
 from server.metric_intervals import site_intervals
+from server.round_selection import KeptRound
 from server.settings import ServerSettings
 
 SOFTWARE = ("hymate-fl", "flwr", "torch", "opacus")
@@ -38,9 +39,9 @@ class ModelCardSummary:
     rounds_completed: int
     #: The latest epsilon each DP site reported; sites without DP are absent.
     privacy_spent_epsilon: dict[str, float]
-    #: The last round's evaluation at each site: metric name -> value (NaN where undefined).
+    #: The kept round's evaluation at each site: metric name -> value (NaN where undefined).
     final_per_site: dict[str, dict[str, float]]
-    #: The last round's evaluation, weighted by each site's test stays.
+    #: The kept round's evaluation, weighted by each site's test stays.
     final_weighted_mean: dict[str, float]
 
     @classmethod
@@ -140,11 +141,16 @@ def identity_summary(facts: FederationFacts) -> dict[str, Any]:
 
 
 def model_card(
-    history: list[dict[str, Any]], settings: ServerSettings, facts: FederationFacts, model_path: Path, run_id: int = 0
+    history: list[dict[str, Any]],
+    settings: ServerSettings,
+    facts: FederationFacts,
+    model_path: Path,
+    kept: KeptRound,
+    run_id: int = 0,
 ) -> dict[str, Any]:
-    """The card of the run whose rounds are ``history`` and whose saved model is ``model_path``."""
-    evaluated = [entry for entry in history if "failed" not in entry]
-    last = evaluated[-1] if evaluated else {"sites": {EVALUATE: {}}, EVALUATE: {}}
+    """The card of the run whose rounds are ``history`` and whose saved model, ``model_path``, is
+    round ``kept``'s."""
+    final = next(entry for entry in history if entry["round"] == kept.round)
     secure = settings.secure_aggregation
     return {
         "model": "HyMaTE (hybrid Mamba + Transformer) for binary outcomes from ICU stays",
@@ -165,6 +171,7 @@ def model_card(
             "strategy_options": dict(settings.strategy.options),
             "rounds_completed": len(history),
             "rounds_planned": settings.rounds,
+            "kept_round": kept.as_record(),
             "local_epochs": settings.local_epochs,
             "batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate,
@@ -188,9 +195,10 @@ def model_card(
         "rounds_by_site": rounds_by_site(history),
         "data_provenance": facts.sites,
         "final_evaluation": {
-            "weighted_mean": last[EVALUATE],
-            "per_site": last["sites"][EVALUATE],
-            "per_site_95ci": {site: site_intervals(m) for site, m in sorted(last["sites"][EVALUATE].items())},
+            "round": kept.round,
+            "weighted_mean": final[EVALUATE],
+            "per_site": final["sites"][EVALUATE],
+            "per_site_95ci": {site: site_intervals(m) for site, m in sorted(final["sites"][EVALUATE].items())},
         },
         "privacy_spent_epsilon": privacy_spent(history),
         "rejected_replies": facts.query_rejections + [r for entry in history for r in entry["rejected"]],
@@ -222,6 +230,7 @@ def render_markdown(card: dict[str, Any], model_file: str) -> str:
         f"Training: strategy `{t['strategy']}` {t['strategy_options'] or ''}, {t['rounds_completed']} of {t['rounds_planned']} rounds, "
         f"{t['local_epochs']} local epoch(s) per round, batch size {t['batch_size']}, learning rate {t['learning_rate']}, "
         f"seed {t['seed']}, at least {t['min_clients']} sites per round.",
+        f"Kept: round {t['kept_round']['round']} ({t['kept_round']['rule']}).",
         f"Model: {', '.join(f'{k} {v}' for k, v in t['model'].items())}.",
         _secure_aggregation_line(t["secure_aggregation"]),
         (
@@ -246,7 +255,7 @@ def render_markdown(card: dict[str, Any], model_file: str) -> str:
         )
     lines += [
         "",
-        "## Final evaluation (each site's own test stays, 95 % intervals)",
+        f"## Final evaluation (the kept round {card['final_evaluation']['round']}, each site's own test stays, 95 % intervals)",
         "",
         "| site | n | AUROC | AUPRC | loss |",
         "|---|---|---|---|---|",

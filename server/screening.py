@@ -22,8 +22,11 @@ from flwr.common.constant import ErrorCode
 from hymate.train_reply import TRAIN_METRICS
 from server.site_identity import SiteIdentities, SiteReply
 
-# Metrics that are legitimately undefined at a site whose test stays hold one class only.
-MAY_BE_UNDEFINED = frozenset({"auroc", "auprc"})
+# Metrics that are legitimately undefined at a site whose test (or validation) stays hold one
+# class only, or, for the validation loss, none.
+MAY_BE_UNDEFINED = frozenset({"auroc", "auprc", "val-auroc", "val-auprc", "val-loss"})
+# Rank metrics: a value outside [0, 1] is not a measurement (and must not choose the kept round).
+RANK_METRICS = frozenset({"auroc", "auprc", "val-auroc", "val-auprc"})
 
 #: Why a reply was not used: the site went away, stayed silent, failed, declined the round,
 #: is not who it says it is, or sent something malformed.
@@ -81,6 +84,8 @@ def _content_problem(content: RecordDict, phase: str, reference: ArrayRecord | N
         values = value if isinstance(value, list) else [value]
         if not all(math.isfinite(v) or (key in MAY_BE_UNDEFINED and math.isnan(v)) for v in values):
             return f"metric {key!r} is not finite ({value!r})"
+        if key in RANK_METRICS and not all(math.isnan(v) or 0.0 <= v <= 1.0 for v in values):
+            return f"metric {key!r} must lie in [0, 1], got {value!r}"
     if phase == "query":
         # The moments are absent under secure aggregation (they travel masked); the federation
         # decides whether it needs them.

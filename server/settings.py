@@ -19,6 +19,7 @@ from hymate.model import FREEZE_CHOICES, ModelOptions
 from hymate.model_bundle import Initialisation
 from hymate.settings_fields import RunConfigError, config_key, default_of, from_run_config, setting
 from hymate.train import OPTIMIZERS
+from server.round_selection import RoundSelection
 from server.secure_aggregation import SecureAggregationSettings
 from strategies.registry import StrategyError, StrategySpec, check_secure_aggregation
 
@@ -79,6 +80,7 @@ class ServerSettings:
         "embeddings; backbone: embeddings, Mamba and attention blocks)",
     )
     initialisation: Initialisation = setting(default_factory=Initialisation, group=True)
+    selection: RoundSelection = setting(default_factory=RoundSelection, group=True)
     #: Set by hymate-sim: the partitions its virtual sites hold (empty for real deployments).
     simulation_manifest: str = ""
 

@@ -26,6 +26,7 @@ from hymate.model import ModelOptions
 from hymate.model_bundle import Initialisation
 from hymate.settings_fields import add_flags, flag_values
 from hymate.train import TrainConfig
+from server.round_selection import RoundSelection
 from server.secure_aggregation import SecureAggregationSettings
 from simulation.engine import EngineSettings, SimulationError
 from simulation.partitioners import PartitionError, PartitionScheme
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--split-seed", type=int, default=0, help="seed of the partition and the per-site splits")
     run.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 95 %% intervals")
     run.add_argument("--min-sites", type=int, help="sites that must reply in each federated round (default: all)")
+    add_flags(run, RoundSelection)
     add_dp_flags(p.add_argument_group("differential privacy at every virtual site"))
     add_flags(p.add_argument_group("model"), ModelOptions)
     add_flags(p.add_argument_group("model"), Initialisation)
@@ -149,6 +151,7 @@ def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
         privacy=privacy_settings(args),
         min_sites=args.min_sites,
         secure_aggregation=secure,
+        selection=RoundSelection(**flag_values(RoundSelection, args)),
     )
 
 

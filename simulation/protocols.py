@@ -35,6 +35,7 @@ from hymate.model import HyMaTE, ModelOptions
 from hymate.model_bundle import ModelBundle, initial_weights
 from hymate.settings_fields import config_key, run_config_of
 from hymate.train import TrainConfig, fit, positive_class_weight
+from server.round_selection import RoundSelection
 from server.run_dir import RunDirectory
 from server.secure_aggregation import SecureAggregationSettings
 from simulation.engine import EngineSettings, simulate_federation
@@ -72,6 +73,7 @@ class SimulationSpec:
     min_sites: int | None = None  # sites that must reply in a federated round (default: all)
     secure_aggregation: SecureAggregationSettings = field(default_factory=SecureAggregationSettings)
     init_from: str = ""  # a checkpoint every protocol starts from (absolute path; empty: random weights)
+    selection: RoundSelection = field(default_factory=RoundSelection)  # which round a federation keeps
     # Each site's split is stratified by label, so its val and test splits hold both classes
     # whenever it has three patients of each. One with fewer (a natural unit with two deaths, a
     # label-skewed virtual site) cannot: a loud warning carried into results.csv, sites.csv and
@@ -269,24 +271,28 @@ class Experiment:
 
     def _federate(self, seed: int, names: list[str], label: str, local_norms: bool = False) -> ModelBundle:
         spec = self.spec
-        run_config = {
-            "local-norms": local_norms,
-            "strategy": spec.strategy.name,
-            "strategy-options": spec.strategy.as_string(),
-            "num-server-rounds": spec.rounds,
-            "local-epochs": spec.local_epochs,
-            "batch-size": spec.train.batch_size,
-            "learning-rate": spec.train.learning_rate,
-            "optimizer": spec.train.optimizer,
-            "momentum": spec.train.momentum,
-            "weight-decay": spec.train.weight_decay,
-            "clip-grad-norm": spec.train.clip_grad_norm,
-            "max-events": spec.train.max_events,
-            "seed": seed,
-            **{config_key(f): getattr(spec.model, f.name) for f in dataclasses.fields(ModelOptions)},
-            "init-from": spec.init_from,
-            "freeze": spec.train.freeze,
-        } | run_config_of(spec.secure_aggregation)
+        run_config = (
+            {
+                "local-norms": local_norms,
+                "strategy": spec.strategy.name,
+                "strategy-options": spec.strategy.as_string(),
+                "num-server-rounds": spec.rounds,
+                "local-epochs": spec.local_epochs,
+                "batch-size": spec.train.batch_size,
+                "learning-rate": spec.train.learning_rate,
+                "optimizer": spec.train.optimizer,
+                "momentum": spec.train.momentum,
+                "weight-decay": spec.train.weight_decay,
+                "clip-grad-norm": spec.train.clip_grad_norm,
+                "max-events": spec.train.max_events,
+                "seed": seed,
+                **{config_key(f): getattr(spec.model, f.name) for f in dataclasses.fields(ModelOptions)},
+                "init-from": spec.init_from,
+                "freeze": spec.train.freeze,
+            }
+            | run_config_of(spec.secure_aggregation)
+            | run_config_of(spec.selection)
+        )
         partitions = {n: [str(s) for s in self.table.stay_ids[self.site_rows[n]]] for n in names}
         run_dir = spec.out / "runs" / label
         with tqdm(total=spec.rounds, desc=f"{label}: rounds ({len(names)} sites)", unit="round") as bar:

@@ -46,6 +46,8 @@ class FakeSite:
     examples: int = 50
     positives: int | None = 10
     activated_at: str = "2026-01-01T00:00:00"
+    step: float = 0.0  # added to every weight it trains, so that rounds' models differ
+    val_auroc: dict[int, float] = field(default_factory=dict)  # per round; none: no validation metrics
 
     @property
     def name(self) -> str:
@@ -79,7 +81,10 @@ class FakeSite:
             )
         elif kind.startswith("train"):
             arrays = ArrayRecord(
-                {k: Array(np.ascontiguousarray(a.numpy())) for k, a in message.content["arrays"].items()}
+                {
+                    k: Array(np.ascontiguousarray(a.numpy() + np.asarray(self.step, a.numpy().dtype)))
+                    for k, a in message.content["arrays"].items()
+                }
             )
             metrics = MetricRecord(
                 {"num-examples": self.examples, "train_loss": 0.5 + self.node_id / 100, "seconds": 1.0}
@@ -89,6 +94,8 @@ class FakeSite:
             metrics = {"num-examples": 40, "auroc": 0.8, "auprc": 0.5, "loss": 0.4}
             if self.positives is not None:
                 metrics["num-positives"] = self.positives
+            if server_round in self.val_auroc:
+                metrics |= {"val-auroc": self.val_auroc[server_round], "val-auprc": 0.3, "val-num-examples": 20}
             content = RecordDict({"metrics": MetricRecord(metrics), "site": site})
         return Message(content, reply_to=message)
 

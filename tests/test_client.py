@@ -77,6 +77,10 @@ def test_local_training_moves_the_weights_and_evaluation_reports_metrics(site, p
     assert metrics["num-examples"] == len(site.test)
     assert metrics["num-positives"] == int(site.test.labels.sum()) > 0
     assert 0.0 <= metrics["auroc"] <= 1.0 and metrics["loss"] > 0
+    # The validation stays, for the coordinator's keep-round best: another split, its own count.
+    assert metrics["val-num-examples"] == len(site.val) > 0
+    assert 0.0 <= metrics["val-auroc"] <= 1.0 and metrics["val-loss"] > 0
+    assert metrics["val-auroc"] != metrics["auroc"]
 
 
 def test_fedbn_sites_keep_their_own_normalisation_layers(site, plan):

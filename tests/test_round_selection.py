@@ -1,0 +1,109 @@
+"""keep-round: a federation ends with its last round's model, or with the round its sites'
+validation stays rate best; the test stays never choose, and a site cannot claim an AUROC
+outside [0, 1] to sway the choice."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hymate.settings_fields import RunConfigError, run_config_of
+from server.round_selection import KeptRound, RoundSelection, kept_round, validation_score
+from server.run_dir import RunDirectory
+from simulation.cli import build_parser, spec_from_args
+from tests.fake_grid import FakeGrid, FakeSite
+from tests.test_site_identity import round_metrics, run, settings
+
+
+def entry(server_round: int, *sites: dict, failed: bool = False) -> dict:
+    e = {"round": server_round, "sites": {"evaluate": {f"s{i}": m for i, m in enumerate(sites)}}}
+    return e | {"failed": "halted"} if failed else e
+
+
+def val(auroc: float, auprc: float = 0.2, n: int = 10, test_auroc: float = 0.5) -> dict:
+    return {"auroc": test_auroc, "val-auroc": auroc, "val-auprc": auprc, "val-num-examples": n}
+
+
+def test_validation_score_weights_each_metric_by_the_sites_validation_stays():
+    # AUROC (0.9 * 30 + 0.5 * 10) / 40 = 0.8; AUPRC (0.4 * 30 + 0.2 * 10) / 40 = 0.35.
+    assert validation_score(entry(1, val(0.9, 0.4, 30), val(0.5, 0.2, 10))) == pytest.approx(1.15)
+    # A site whose validation stays hold one class (NaN, stored as null) is left out of that mean.
+    assert validation_score(entry(1, val(0.9, 0.4, 30), val(None, None, 10))) == pytest.approx(1.3)
+    assert validation_score(entry(1, {"auroc": 0.7})) is None
+
+
+def test_best_keeps_the_highest_validation_round_and_never_looks_at_the_test_stays():
+    history = [
+        entry(1, val(0.6, test_auroc=0.99)),
+        entry(2, val(0.8, test_auroc=0.5)),
+        entry(3, val(0.8, test_auroc=0.6)),  # a tie with round 2: the earlier round
+        entry(4, val(0.95), failed=True),  # a failed round changed nothing
+        entry(5, val(0.7, test_auroc=0.9)),
+    ]
+    assert kept_round(history, "best") == KeptRound(2, "best validation AUROC + AUPRC", pytest.approx(1.0))
+    assert kept_round(history, "last").round == 5
+
+
+def test_best_falls_back_to_the_last_round_and_says_so_without_validation_metrics():
+    kept = kept_round([entry(1, {"auroc": 0.9}), entry(2, {"auroc": 0.6})], "best")
+    assert (kept.round, kept.validation_score) == (2, None)
+    assert "no site reported validation metrics" in kept.rule
+    all_failed = kept_round([entry(1, failed=True), entry(2, failed=True)], "best")
+    assert all_failed.round == 2 and "every round failed" in all_failed.rule
+
+
+def test_an_unknown_rule_is_refused_naming_the_key_and_the_choices():
+    with pytest.raises(RunConfigError, match=r"keep-round must be one of last, best, got 'first'"):
+        RoundSelection("first")
+
+
+def test_the_coordinator_saves_the_kept_rounds_model_and_says_which(tmp_path):
+    val_auroc = {1: 0.60, 2: 0.90, 3: 0.70}
+    sites = [FakeSite(1, step=0.25, val_auroc=val_auroc), FakeSite(2, step=0.25, val_auroc=val_auroc)]
+    s = settings(tmp_path, rounds=3, selection=RoundSelection("best"))
+    card = run(FakeGrid(sites), s)
+
+    rounds = RunDirectory(s.run_dir)
+    saved = {k: v.numpy() for k, v in rounds.load_model().state_dict.items()}
+    second, third = rounds.read_round(2).weights, rounds.read_round(3).weights
+    name = next(k for k in saved if k.endswith("weight"))
+    assert not np.allclose(second[name], third[name])  # the rounds' models differ ...
+    assert all(np.array_equal(saved[k], second[k]) for k in saved)  # ... and round 2's was saved
+    assert card["training"]["kept_round"] == {
+        "round": 2,
+        "rule": "best validation AUROC + AUPRC",
+        "validation_auroc_plus_auprc": pytest.approx(1.2),
+    }
+    assert card["final_evaluation"]["round"] == 2
+    assert round_metrics(s, 2)["evaluate"]["val-auroc"] == pytest.approx(0.9)
+    md = (s.run_dir / "model_card.md").read_text()
+    assert "Kept: round 2 (best validation AUROC + AUPRC)." in md
+    assert json.loads((s.run_dir / "model_card.json").read_text())["training"]["kept_round"]["round"] == 2
+
+
+def test_by_default_the_last_round_is_kept(tmp_path):
+    sites = [FakeSite(1, step=0.25, val_auroc={1: 0.9, 2: 0.6})]
+    s = settings(tmp_path, rounds=2)
+    card = run(FakeGrid(sites), s)
+    assert card["training"]["kept_round"]["round"] == 2
+    saved = RunDirectory(s.run_dir).load_model().state_dict
+    last = RunDirectory(s.run_dir).read_round(2).weights
+    assert all(np.array_equal(saved[k].numpy(), last[k]) for k in last)
+
+
+def test_a_site_claiming_a_validation_auroc_above_one_is_rejected(tmp_path):
+    honest = FakeSite(1, val_auroc={1: 0.6, 2: 0.6})
+    liar = FakeSite(2, val_auroc={1: 0.6, 2: 7.0})  # would make round 2 the "best"
+    s = settings(tmp_path, rounds=2, min_clients=1, selection=RoundSelection("best"))
+    card = run(FakeGrid([honest, liar]), s)
+    rejected = [r for r in card["rejected_replies"] if r["phase"] == "evaluate"]
+    assert [(r["site"], r["reason"]) for r in rejected] == [("", "metric 'val-auroc' must lie in [0, 1], got 7.0")]
+    assert card["training"]["kept_round"]["round"] == 1  # the tie between the honest rounds: the earlier
+
+
+def test_hymate_sim_passes_keep_round_to_its_federation():
+    args = build_parser().parse_args(["--keep-round", "best", "--out", "unused-out"])
+    spec = spec_from_args(args)
+    assert run_config_of(spec.selection) == {"keep-round": "best"}
