@@ -15,6 +15,7 @@ import shlex
 import time
 from pathlib import Path
 
+from server.run_dir import RunDirectory
 from simulation.cli import spec_from_args
 from simulation.protocols import Experiment, SimulationSpec
 from simulation.report import results_frame
@@ -55,8 +56,11 @@ def run_protocol(spec: SimulationSpec, protocol: str) -> tuple[dict, float]:
     split seed, so every variant sees the same stays."""
     start = time.perf_counter()
     experiment = Experiment(dataclasses.replace(spec, protocols=(protocol,), seeds=spec.seeds[:1]))
-    rows = experiment.run().rows
-    return scores(rows, protocol), time.perf_counter() - start
+    result = experiment.run()
+    out = scores(result.rows, protocol)
+    for path in result.federated_runs.values():  # one run: the federated protocol's first seed
+        out["kept round"] = RunDirectory(path).model_card().kept_round
+    return out, time.perf_counter() - start
 
 
 def plan_text(spec: SimulationSpec) -> str:

@@ -37,6 +37,9 @@ class ModelCardSummary:
     """What a reader of many runs (the simulation's report) needs from one card, typed."""
 
     rounds_completed: int
+    #: The round whose model the run saved, and the rule that chose it (``keep-round``).
+    kept_round: int
+    kept_rule: str
     #: The latest epsilon each DP site reported; sites without DP are absent.
     privacy_spent_epsilon: dict[str, float]
     #: The kept round's evaluation at each site: metric name -> value (NaN where undefined).
@@ -49,6 +52,8 @@ class ModelCardSummary:
         final = card["final_evaluation"]
         return cls(
             rounds_completed=int(card["training"]["rounds_completed"]),
+            kept_round=int(card["training"]["kept_round"]["round"]),
+            kept_rule=str(card["training"]["kept_round"]["rule"]),
             privacy_spent_epsilon={site: float(eps) for site, eps in card["privacy_spent_epsilon"].items()},
             final_per_site={site: _floats(metrics) for site, metrics in final["per_site"].items()},
             final_weighted_mean=_floats(final["weighted_mean"]),

@@ -74,6 +74,19 @@ def privacy_frame(runs: dict[str, Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", "site", "epsilon"])
 
 
+def kept_rounds_frame(runs: dict[str, Path]) -> pd.DataFrame:
+    """Which round's model each finished federated run kept (``--keep-round``), and why."""
+    rows = []
+    for label, path in runs.items():
+        run = RunDirectory(path)
+        if run.is_finished():
+            card = run.model_card()
+            rows.append(
+                {"run": label, "kept round": card.kept_round, "of": card.rounds_completed, "rule": card.kept_rule}
+            )
+    return pd.DataFrame(rows, columns=["run", "kept round", "of", "rule"])
+
+
 def plot_curves(curves: pd.DataFrame, path: Path) -> bool:
     data = curves[curves["metric"].isin(["auroc", "auprc"])]
     if data.empty:
@@ -241,6 +254,7 @@ def write_report(
         ]
     if figures["curves.png"]:
         lines += ["## Federated training, round by round", "", "![Round-by-round curves](curves.png)", ""]
+        lines += ["The model each run ended with:", "", markdown_table(kept_rounds_frame(runs))]
     if not privacy.empty:
         lines += ["## Privacy spent (differential privacy, per site)", "", markdown_table(privacy), ""]
     if figures["importance.png"]:
