@@ -236,6 +236,7 @@ class LocalData:
         return {
             "dataset": self.settings.dataset,
             "stays_train": len(self.train),
+            "positives_train": int(self.train.labels.sum()),
             "stays_val": len(self.val),
             "stays_test": len(self.test),
             "prevalence": round(float(labels.mean()), 3) if len(labels) else 0.0,

@@ -76,6 +76,11 @@ def weights_of(model: HyMaTE) -> dict[str, np.ndarray]:
     return {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
 
 
+def class_weight(plan: LocalPlan, data: LocalData) -> float:
+    """The positive class's loss weight: the federation's, from the plan, or the site's own."""
+    return plan.pos_weight or positive_class_weight(data.train.labels)
+
+
 def _train_config(plan: LocalPlan, data: LocalData) -> TrainConfig:
     return TrainConfig(
         epochs=plan.local_epochs,
@@ -118,7 +123,7 @@ def train_locally(
     dataset = StayDataset(data.train, plan.normalizer, config.max_events)
     optimizer = make_optimizer(model, config)
     proximal = ProximalTerm.at(model, proximal_mu) if proximal_mu > 0 else None
-    pos_weight = positive_class_weight(data.train.labels)
+    pos_weight = class_weight(plan, data)
     dp = data.settings.privacy(plan.planned_rounds)
     if dp is not None:
         ledger = PrivacyLedger.open(data.settings.state_dir, dp.target_epsilon, dp.delta, dp.accountant)
@@ -166,7 +171,7 @@ def evaluate_locally(plan: LocalPlan, data: LocalData, arrays: Mapping[str, np.n
     model = received_model(plan, data, arrays)
     device = select_device(data.settings.device)
     model.to(device)
-    pos_weight = positive_class_weight(data.train.labels)
+    pos_weight = class_weight(plan, data)
 
     def on(table: StayTable) -> Evaluation:
         loader = make_loader(StayDataset(table, plan.normalizer, plan.max_events), 2 * plan.batch_size, False)

@@ -48,10 +48,19 @@ class LocalPlan:
     max_events: int = setting(default_of(TrainConfig, "max_events"), help="events kept per stay")
     seed: int = setting(default_of(TrainConfig, "seed"))
     planned_rounds: int = 1  # how long the federation is planned to last (DP sites calibrate noise to it)
+    #: The positive class's loss weight, the same at every site (from the federation's training
+    #: label counts, so that FedAvg minimises the centralized objective); 0: each site its own.
+    pos_weight: float = 0.0
     local_norms: bool = setting(False, help="FedBN: every site keeps its own normalisation layers")
     freeze: str = setting(
         default_of(TrainConfig, "freeze"), choices=FREEZE_CHOICES, help="part of the model every site keeps fixed"
     )
+
+    def __post_init__(self) -> None:
+        if not self.pos_weight >= 0:
+            raise PlanError(
+                f"invalid training plan from the coordinator: pos_weight must be >= 0, got {self.pos_weight}"
+            )
 
     def to_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {f"model.{f.name}": getattr(self.model, f.name) for f in fields(ModelOptions)}

@@ -87,9 +87,13 @@ def positive_class_weight(labels: np.ndarray) -> float:
     """sqrt(negatives / positives): a full inverse-prevalence weight overshoots calibration
     and ranks no better on 10-15 % prevalence outcomes, while no weight lets the majority
     class swamp the few positives of a small site."""
-    positives = float(np.sum(labels))
-    negatives = float(len(labels) - positives)
-    return math.sqrt(negatives / positives) if positives and negatives else 1.0
+    return class_weight_of(int(np.sum(labels)), len(labels))
+
+
+def class_weight_of(positives: int, stays: int) -> float:
+    """``positive_class_weight`` from the counts alone (what a federation's sites report)."""
+    negatives = stays - positives
+    return math.sqrt(negatives / positives) if positives > 0 and negatives > 0 else 1.0
 
 
 @dataclass

@@ -210,7 +210,7 @@ class Federation:
             weights = self.initial_weights(facts)
             self.run_dir.write_federation(facts, s)
         self.facts = facts
-        plan = s.plan(facts.build_normalizer()).to_record()
+        plan = s.plan(facts.build_normalizer(), facts.positive_class_weight()).to_record()
         for server_round in range((done[-1] if done else 0) + 1, s.rounds + 1):
             weights = self.run_round(server_round, weights, plan)
         return self.write_final_outputs(facts, weights)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from hymate.data.normalization import Normalizer
+from hymate.train import class_weight_of
 
 
 @dataclass
@@ -28,6 +29,14 @@ class FederationFacts:
     identities: dict[str, str] = field(default_factory=dict)
     #: Normalisation replies that were not used, with the reason.
     query_rejections: list[dict[str, Any]] = field(default_factory=list)
+
+    def positive_class_weight(self) -> float | None:
+        """The positive class's loss weight over all members' training stays (the centralized
+        model's), or None when a member did not report its training positives."""
+        counts = [(p.get("positives_train"), p.get("stays_train")) for p in self.sites.values()]
+        if not counts or any(not isinstance(x, (int, float)) for pair in counts for x in pair):
+            return None
+        return class_weight_of(int(sum(k for k, _ in counts)), int(sum(n for _, n in counts)))
 
     def build_normalizer(self) -> Normalizer:
         return Normalizer.from_arrays({k: np.asarray(v) for k, v in self.normalizer.items()})

@@ -49,11 +49,13 @@ class ModelCardSummary:
 
     @classmethod
     def from_card(cls, card: dict[str, Any]) -> ModelCardSummary:
-        final = card["final_evaluation"]
+        final, training = card["final_evaluation"], card["training"]
+        # A card from before keep-round existed holds the last round's model.
+        kept = training.get("kept_round") or {"round": training["rounds_completed"], "rule": "last"}
         return cls(
-            rounds_completed=int(card["training"]["rounds_completed"]),
-            kept_round=int(card["training"]["kept_round"]["round"]),
-            kept_rule=str(card["training"]["kept_round"]["rule"]),
+            rounds_completed=int(training["rounds_completed"]),
+            kept_round=int(kept["round"]),
+            kept_rule=str(kept["rule"]),
             privacy_spent_epsilon={site: float(eps) for site, eps in card["privacy_spent_epsilon"].items()},
             final_per_site={site: _floats(metrics) for site, metrics in final["per_site"].items()},
             final_weighted_mean=_floats(final["weighted_mean"]),
@@ -182,6 +184,8 @@ def model_card(
             "learning_rate": settings.learning_rate,
             "weight_decay": settings.weight_decay,
             "clip_grad_norm": settings.clip_grad_norm,
+            # The positive class's loss weight every site used (0: each site its own).
+            "positive_class_weight": settings.positive_class_weight(facts.positive_class_weight()),
             "max_events": settings.max_events,
             "seed": settings.seed,
             "local_norms": settings.local_norms,

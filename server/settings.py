@@ -23,6 +23,8 @@ from server.round_selection import RoundSelection
 from server.secure_aggregation import SecureAggregationSettings
 from strategies.registry import StrategyError, StrategySpec, check_secure_aggregation
 
+CLASS_WEIGHTS = ("federation", "site")
+
 SettingsError = RunConfigError  # a run-config key has a wrong type or value; names the key
 
 
@@ -80,6 +82,12 @@ class ServerSettings:
         "embeddings; backbone: embeddings, Mamba and attention blocks)",
     )
     initialisation: Initialisation = setting(default_factory=Initialisation, group=True)
+    class_weight: str = setting(
+        "federation",
+        choices=CLASS_WEIGHTS,
+        help="the positive class's loss weight: one for every site from the federation's training label counts "
+        "(the centralized model's objective), or each site's own",
+    )
     selection: RoundSelection = setting(default_factory=RoundSelection, group=True)
     #: Set by hymate-sim: the partitions its virtual sites hold (empty for real deployments).
     simulation_manifest: str = ""
@@ -91,6 +99,8 @@ class ServerSettings:
         for name in ("round_timeout", "wait_for_clients", "learning_rate"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{config_key_of(name)} must be positive, got {getattr(self, name)}")
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise SettingsError(f"class-weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}")
         if self.optimizer not in OPTIMIZERS:
             raise SettingsError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not 0 <= self.momentum < 1:
@@ -123,11 +133,18 @@ class ServerSettings:
     def from_run_config(cls, config: Mapping[str, Any]) -> ServerSettings:
         return from_run_config(cls, config)
 
-    def plan(self, normalizer) -> LocalPlan:
-        """What every site is asked to do each round: the fields LocalPlan shares with these settings."""
+    def plan(self, normalizer, federation_pos_weight: float | None) -> LocalPlan:
+        """What every site is asked to do each round: the fields LocalPlan shares with these
+        settings, and the federation's positive class weight unless each site is to use its own
+        (or a member did not report its training positives)."""
         mine = {f.name for f in fields(self)}
         shared = {f.name: getattr(self, f.name) for f in fields(LocalPlan) if f.name in mine}
-        return LocalPlan(normalizer=normalizer, planned_rounds=self.rounds, **shared)
+        pos_weight = self.positive_class_weight(federation_pos_weight)
+        return LocalPlan(normalizer=normalizer, planned_rounds=self.rounds, pos_weight=pos_weight, **shared)
+
+    def positive_class_weight(self, federation_pos_weight: float | None) -> float:
+        """The weight the plan sends: the federation's, or 0 (each site's own)."""
+        return federation_pos_weight if self.class_weight == "federation" and federation_pos_weight else 0.0
 
 
 def config_key_of(name: str) -> str:

@@ -28,6 +28,7 @@ from hymate.settings_fields import add_flags, flag_values
 from hymate.train import TrainConfig
 from server.round_selection import RoundSelection
 from server.secure_aggregation import SecureAggregationSettings
+from server.settings import ServerSettings
 from simulation.engine import EngineSettings, SimulationError
 from simulation.partitioners import PartitionError, PartitionScheme
 from simulation.protocols import PROTOCOLS, Experiment, SimulationSpec, site_summary
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 95 %% intervals")
     run.add_argument("--min-sites", type=int, help="sites that must reply in each federated round (default: all)")
     add_flags(run, RoundSelection)
+    add_flags(run, ServerSettings, ("class_weight",))
     add_dp_flags(p.add_argument_group("differential privacy at every virtual site"))
     add_flags(p.add_argument_group("model"), ModelOptions)
     add_flags(p.add_argument_group("model"), Initialisation)
@@ -152,6 +154,7 @@ def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
         min_sites=args.min_sites,
         secure_aggregation=secure,
         selection=RoundSelection(**flag_values(RoundSelection, args)),
+        class_weight=args.class_weight,
     )
 
 

@@ -47,6 +47,7 @@ class FakeSite:
     positives: int | None = 10
     activated_at: str = "2026-01-01T00:00:00"
     step: float = 0.0  # added to every weight it trains, so that rounds' models differ
+    positives_train: int | None = None  # reported with the normalisation query when set
     val_auroc: dict[int, float] = field(default_factory=dict)  # per round; none: no validation metrics
 
     @property
@@ -75,6 +76,7 @@ class FakeSite:
                     "schema": ConfigRecord({"variables": VARIABLES, "static": STATIC, "dataset": "synthetic"}),
                     "metrics": MetricRecord(
                         {"num-examples": self.examples, "stays_train": self.examples, "stays_test": 20}
+                        | ({} if self.positives_train is None else {"positives_train": self.positives_train})
                     ),
                     "site": site,
                 }

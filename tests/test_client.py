@@ -13,10 +13,19 @@ from client.app import SiteFailure, reported_safely
 from client.audit import OutgoingMessageBlocked, arrays_digest, check_outgoing
 from client.local_norms import FILE_NAME, load_local_norms, save_local_norms
 from client.site import SiteConfigError, SiteSettings, open_site
-from client.training import ModelMismatchError, build_model, evaluate_locally, load_checked, train_locally, weights_of
+from client.training import (
+    ModelMismatchError,
+    build_model,
+    class_weight,
+    evaluate_locally,
+    load_checked,
+    train_locally,
+    weights_of,
+)
 from hymate.data import DataError, MomentSums
 from hymate.local_plan import LocalPlan, PlanError
 from hymate.model import ModelOptions, normalisation_parameters
+from hymate.train import positive_class_weight
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +51,11 @@ def test_a_plan_survives_its_flat_record(plan):
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"model.d_model": "64"}, "'model.d_model' must be int"), ({"learning_rate": float("inf")}, "must be finite")],
+    [
+        ({"model.d_model": "64"}, "'model.d_model' must be int"),
+        ({"learning_rate": float("inf")}, "must be finite"),
+        ({"pos_weight": -3.0}, "pos_weight must be >= 0, got -3.0"),
+    ],
 )
 def test_a_bad_plan_is_a_named_error(plan, change, message):
     record = plan.to_record() | change
@@ -52,6 +65,12 @@ def test_a_bad_plan_is_a_named_error(plan, change, message):
     del record["batch_size"]
     with pytest.raises(PlanError, match="missing 'batch_size'"):
         LocalPlan.from_record(record)
+
+
+def test_the_positive_class_weight_is_the_plans_or_the_sites_own(site, plan):
+    assert class_weight(dataclasses.replace(plan, pos_weight=2.5), site) == 2.5
+    assert class_weight(plan, site) == positive_class_weight(site.train.labels) != 2.5
+    assert LocalPlan.from_record(dataclasses.replace(plan, pos_weight=2.5).to_record()).pos_weight == 2.5
 
 
 def test_received_weights_are_checked_before_they_are_loaded(site, plan):

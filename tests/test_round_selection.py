@@ -61,8 +61,8 @@ def test_an_unknown_rule_is_refused_naming_the_key_and_the_choices():
 
 def test_the_coordinator_saves_the_kept_rounds_model_and_says_which(tmp_path):
     val_auroc = {1: 0.60, 2: 0.90, 3: 0.70}
-    sites = [FakeSite(1, step=0.25, val_auroc=val_auroc), FakeSite(2, step=0.25, val_auroc=val_auroc)]
-    s = settings(tmp_path, rounds=3, selection=RoundSelection("best"))
+    sites = [FakeSite(1, "h-1", step=0.25, val_auroc=val_auroc), FakeSite(2, "h-2", step=0.25, val_auroc=val_auroc)]
+    s = settings(tmp_path, rounds=3, selection=RoundSelection("best"), registered_sites=("h-1", "h-2"))
     card = run(FakeGrid(sites), s)
 
     rounds = RunDirectory(s.run_dir)
@@ -94,12 +94,12 @@ def test_by_default_the_last_round_is_kept(tmp_path):
 
 
 def test_a_site_claiming_a_validation_auroc_above_one_is_rejected(tmp_path):
-    honest = FakeSite(1, val_auroc={1: 0.6, 2: 0.6})
-    liar = FakeSite(2, val_auroc={1: 0.6, 2: 7.0})  # would make round 2 the "best"
-    s = settings(tmp_path, rounds=2, min_clients=1, selection=RoundSelection("best"))
+    honest = FakeSite(1, "honest", val_auroc={1: 0.6, 2: 0.6})
+    liar = FakeSite(2, "liar", val_auroc={1: 0.6, 2: 7.0})  # would make round 2 the "best"
+    s = settings(tmp_path, rounds=2, selection=RoundSelection("best"), registered_sites=("honest", "liar"))
     card = run(FakeGrid([honest, liar]), s)
     rejected = [r for r in card["rejected_replies"] if r["phase"] == "evaluate"]
-    assert [(r["site"], r["reason"]) for r in rejected] == [("", "metric 'val-auroc' must lie in [0, 1], got 7.0")]
+    assert [(r["site"], r["reason"]) for r in rejected] == [("liar", "metric 'val-auroc' must lie in [0, 1], got 7.0")]
     assert card["training"]["kept_round"]["round"] == 1  # the tie between the honest rounds: the earlier
 
 

@@ -126,7 +126,7 @@ def test_a_card_on_disk_reads_back_typed_with_undefined_metrics_as_nan(tmp_path)
     (tmp_path / "model_card.json").write_text(
         json.dumps(
             {
-                "training": {"rounds_completed": 2},
+                "training": {"rounds_completed": 3, "kept_round": {"round": 2, "rule": "best"}},
                 "privacy_spent_epsilon": {"hospital-1": 3},
                 "final_evaluation": {
                     "weighted_mean": {"auroc": 0.7},
@@ -137,13 +137,17 @@ def test_a_card_on_disk_reads_back_typed_with_undefined_metrics_as_nan(tmp_path)
         )
     )
     card = RunDirectory(tmp_path).model_card()
-    assert (card.rounds_completed, card.privacy_spent_epsilon, card.final_weighted_mean) == (
-        2,
-        {"hospital-1": 3.0},
-        {"auroc": 0.7},
-    )
+    assert (card.rounds_completed, card.kept_round, card.kept_rule) == (3, 2, "best")
+    assert (card.privacy_spent_epsilon, card.final_weighted_mean) == ({"hospital-1": 3.0}, {"auroc": 0.7})
     assert math.isnan(card.final_per_site["hospital-1"]["auroc"])
     assert card.final_per_site["hospital-1"]["num-examples"] == 12.0
+    earlier = json.loads((tmp_path / "model_card.json").read_text())
+    del earlier["training"]["kept_round"]  # a card written before keep-round: the last round's model
+    (tmp_path / "model_card.json").write_text(json.dumps(earlier))
+    assert (RunDirectory(tmp_path).model_card().kept_round, RunDirectory(tmp_path).model_card().kept_rule) == (
+        3,
+        "last",
+    )
     (tmp_path / "model_card.json").write_text("{")
     with pytest.raises(RunDirError, match="model_card.json is unreadable"):
         RunDirectory(tmp_path).model_card()

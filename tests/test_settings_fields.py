@@ -86,7 +86,11 @@ def test_the_plan_carries_every_shared_training_setting():
         rounds=4, batch_size=8, clip_grad_norm=0.5, local_norms=True, optimizer="sgd", momentum=0.5,
         model=ModelOptions(n_heads=2),
     )  # fmt: skip
-    plan = settings.plan(normalizer=None)
+    plan = settings.plan(normalizer=None, federation_pos_weight=2.5)
     assert (plan.batch_size, plan.clip_grad_norm, plan.local_norms, plan.planned_rounds) == (8, 0.5, True, 4)
     assert (plan.optimizer, plan.momentum) == ("sgd", 0.5)
     assert plan.model.n_heads == 2 and plan.learning_rate == settings.learning_rate
+    assert plan.pos_weight == 2.5
+    # Each site its own weight: asked for, or when a member did not report its training positives.
+    assert ServerSettings(class_weight="site").plan(None, 2.5).pos_weight == 0.0
+    assert settings.plan(None, None).pos_weight == 0.0
