@@ -1,14 +1,15 @@
 """Federation recipes against the centralized model on the same test stays (PhysioNet 2012 by default).
 
 Takes hymate-sim's flags (the same for every row) for the data, model and local training, trains the centralized model
-once, then each ``--federation`` (extra hymate-sim flags: strategy, its options, rounds, local
+for each training seed, then each ``--federation`` (extra hymate-sim flags: strategy, its options, rounds, local
 epochs, ...) on the same sites, splits and test stays. Prints, side by side: pooled test
 AUROC/AUPRC with bootstrap 95 % intervals, their means over the sites, rounds x local
-epochs, wall time, and each pooled AUROC over the centralized one (issue 13 bar: >= 0.99).
+epochs, wall time, and each pooled AUROC over the centralized one of the same seed (issue 13
+bar: >= 0.99); with several ``--seeds``, each seed's row and the mean and sd over the seeds.
 
     python bench/fed_p12.py --d-model 32 --max-events 400 --batch-size 128 --learning-rate 3e-3 \\
         --federation "--strategy fedavg --rounds 10" \\
-        --federation "--strategy fedadam --strategy-option eta=0.01 --local-epochs 2 --rounds 10"
+        --federation "--strategy fedadam --strategy-option eta=0.01 --local-epochs 2 --rounds 10" --seeds 0 1 2
 
 The data default to .cache/data/physionet2012 (unpacked from ../shared/data/physionet2012.tar.gz),
 natural partition (the 4 ICU types); ``--sets a`` keeps only set-a's 4,000 stays.
@@ -17,6 +18,7 @@ natural partition (the 4 ICU types); ``--sets a`` keeps only set-a's 4,000 stays
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -47,24 +49,31 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="hymate-bench-fed-"))
     print(f"runs in {root}", flush=True)
 
-    table: dict[str, dict] = {}
+    seeds = given.seeds
     runs = [] if args.no_centralized else [("centralized", "", "centralized")]
     runs += [(flags, flags, "federated") for flags in args.federation]
+    per_seed: dict[str, list[dict]] = {}
     for i, (label, flags, protocol) in enumerate(runs):
         spec = variant_spec(parser, base, flags, root / f"run-{i}")
-        result, seconds = run_protocol(spec, protocol)
         plan = f"{spec.train.epochs} epochs max" if protocol == "centralized" else plan_text(spec)
-        table[label] = {"plan": plan} | result | {"wall s": round(seconds)}
-        print(f"{label}: {table[label]}", flush=True)
+        for seed in seeds:
+            result, seconds = run_protocol(dataclasses.replace(spec, seeds=(seed,)), protocol)
+            row = {"plan": plan, "seed": seed} | result | {"wall s": round(seconds)}
+            per_seed.setdefault(label, []).append(row)
+            print(f"{label}, seed {seed}: {row}", flush=True)
 
-    frame = pd.DataFrame(table).T
-    if "centralized" in table:
-        frame["AUROC / centralized"] = frame["pooled AUROC"] / table["centralized"]["pooled AUROC"]
-    print(
-        f"\nseed {given.seeds[0]}, split seed {given.split_seed}, {given.partition} sites, the same test stays in every row"
-    )
+    frame = pd.DataFrame([row | {"run": label} for label, rows in per_seed.items() for row in rows])
+    if "centralized" in per_seed:  # each seed's federation over the centralized model of the same seed
+        reference = frame[frame["run"] == "centralized"].set_index("seed")["pooled AUROC"]
+        frame["AUROC / centralized"] = frame["pooled AUROC"] / frame["seed"].map(reference)
+    print(f"\nsplit seed {given.split_seed}, {given.partition} sites, the same test stays in every row")
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 80):
-        print(frame.to_string(float_format=lambda x: f"{x:.4f}"))
+        print(frame.set_index(["run", "seed"]).to_string(float_format=lambda x: f"{x:.4f}"))
+        if len(seeds) > 1:
+            numbers = [c for c in frame.columns if c not in ("run", "seed", "plan") and "CI" not in c]
+            summary = frame.groupby("run", sort=False)[numbers].agg(["mean", "std"])
+            print(f"\nmean and sd over seeds {', '.join(map(str, seeds))}")
+            print(summary.to_string(float_format=lambda x: f"{x:.4f}"))
     return 0
 
 
