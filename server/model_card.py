@@ -182,6 +182,7 @@ def model_card(
             "local_epochs": settings.local_epochs,
             "batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate,
+            "lr_schedule": settings.lr_schedule,
             "weight_decay": settings.weight_decay,
             "clip_grad_norm": settings.clip_grad_norm,
             # The positive class's loss weight every site used (0: each site its own).
@@ -237,7 +238,7 @@ def render_markdown(card: dict[str, Any], model_file: str) -> str:
         f"Label: {card['task']['label']}.",
         "",
         f"Training: strategy `{t['strategy']}` {t['strategy_options'] or ''}, {t['rounds_completed']} of {t['rounds_planned']} rounds, "
-        f"{t['local_epochs']} local epoch(s) per round, batch size {t['batch_size']}, learning rate {t['learning_rate']}, "
+        f"{t['local_epochs']} local epoch(s) per round, batch size {t['batch_size']}, learning rate {t['learning_rate']} ({t['lr_schedule']}), "
         f"seed {t['seed']}, at least {t['min_clients']} sites per round.",
         f"Kept: round {t['kept_round']['round']} ({t['kept_round']['rule']}).",
         f"Model: {', '.join(f'{k} {v}' for k, v in t['model'].items())}.",

@@ -9,6 +9,7 @@ in-process by the simulator.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,6 +25,7 @@ from server.secure_aggregation import SecureAggregationSettings
 from strategies.registry import StrategyError, StrategySpec, check_secure_aggregation
 
 CLASS_WEIGHTS = ("federation", "site")
+LR_SCHEDULES = ("constant", "cosine")
 
 SettingsError = RunConfigError  # a run-config key has a wrong type or value; names the key
 
@@ -82,6 +84,12 @@ class ServerSettings:
         "embeddings; backbone: embeddings, Mamba and attention blocks)",
     )
     initialisation: Initialisation = setting(default_factory=Initialisation, group=True)
+    lr_schedule: str = setting(
+        "constant",
+        choices=LR_SCHEDULES,
+        help="the sites' learning rate over the rounds: constant, or cosine from --learning-rate in round 1 "
+        "towards 0 after the last (the annealing centralized training does over its epochs)",
+    )
     class_weight: str = setting(
         "federation",
         choices=CLASS_WEIGHTS,
@@ -99,6 +107,8 @@ class ServerSettings:
         for name in ("round_timeout", "wait_for_clients", "learning_rate"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{config_key_of(name)} must be positive, got {getattr(self, name)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise SettingsError(f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.class_weight not in CLASS_WEIGHTS:
             raise SettingsError(f"class-weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -141,6 +151,13 @@ class ServerSettings:
         shared = {f.name: getattr(self, f.name) for f in fields(LocalPlan) if f.name in mine}
         pos_weight = self.positive_class_weight(federation_pos_weight)
         return LocalPlan(normalizer=normalizer, planned_rounds=self.rounds, pos_weight=pos_weight, **shared)
+
+    def learning_rate_at(self, server_round: int) -> float:
+        """The sites' learning rate in ``server_round`` (1-based): the cosine schedule's value at
+        the round's start, so round 1 trains at the full rate and the last at a small one."""
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        return self.learning_rate * 0.5 * (1 + math.cos(math.pi * (server_round - 1) / self.rounds))
 
     def positive_class_weight(self, federation_pos_weight: float | None) -> float:
         """The weight the plan sends: the federation's, or 0 (each site's own)."""

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 95 %% intervals")
     run.add_argument("--min-sites", type=int, help="sites that must reply in each federated round (default: all)")
     add_flags(run, RoundSelection)
-    add_flags(run, ServerSettings, ("class_weight",))
+    add_flags(run, ServerSettings, ("lr_schedule", "class_weight"))
     add_dp_flags(p.add_argument_group("differential privacy at every virtual site"))
     add_flags(p.add_argument_group("model"), ModelOptions)
     add_flags(p.add_argument_group("model"), Initialisation)
@@ -155,6 +155,7 @@ def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
         secure_aggregation=secure,
         selection=RoundSelection(**flag_values(RoundSelection, args)),
         class_weight=args.class_weight,
+        lr_schedule=args.lr_schedule,
     )
 
 

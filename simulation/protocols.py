@@ -74,6 +74,7 @@ class SimulationSpec:
     secure_aggregation: SecureAggregationSettings = field(default_factory=SecureAggregationSettings)
     init_from: str = ""  # a checkpoint every protocol starts from (absolute path; empty: random weights)
     selection: RoundSelection = field(default_factory=RoundSelection)  # which round a federation keeps
+    lr_schedule: str = "constant"  # a federation's learning rate over its rounds: "constant" or "cosine"
     class_weight: str = "federation"  # a federation's positive class weight: "federation" or each "site"'s own
     # Each site's split is stratified by label, so its val and test splits hold both classes
     # whenever it has three patients of each. One with fewer (a natural unit with two deaths, a
@@ -291,6 +292,7 @@ class Experiment:
                 "init-from": spec.init_from,
                 "freeze": spec.train.freeze,
                 "class-weight": spec.class_weight,
+                "lr-schedule": spec.lr_schedule,
             }
             | run_config_of(spec.secure_aggregation)
             | run_config_of(spec.selection)
