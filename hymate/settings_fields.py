@@ -89,6 +89,15 @@ def _fields(cls: type, names: Iterable[str] | None = None) -> list[dataclasses.F
     return [f for f in dataclasses.fields(cls) if f.init and (chosen is None or f.name in chosen)]
 
 
+def check_choices(settings: Any, names: Iterable[str] | None = None) -> None:
+    """RunConfigError, naming the key and its choices, for a named field (every field declared with
+    ``choices`` by default) whose value is not one of them: the check written once for all settings."""
+    for f in _fields(type(settings), names):
+        choices, value = f.metadata.get("choices"), getattr(settings, f.name)
+        if choices and value not in choices:
+            raise RunConfigError(f"{config_key(f)} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def run_config_defaults(cls: type) -> dict[str, Any]:
     """Every run-config key of ``cls`` (nested groups flattened) with its default, as TOML holds it."""
     out: dict[str, Any] = {}

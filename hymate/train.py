@@ -23,7 +23,7 @@ from hymate.allocator import return_large_blocks_to_os, trim_heap
 from hymate.data.batches import Batch
 from hymate.metrics import auprc, auroc
 from hymate.model import FREEZE_CHOICES, freeze
-from hymate.settings_fields import setting
+from hymate.settings_fields import check_choices, setting
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.freeze not in FREEZE_CHOICES:
-            raise ValueError(f"freeze must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        check_choices(self, ("freeze", "optimizer"))
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hymate.settings_fields import RunConfigError, setting
+from hymate.settings_fields import check_choices, setting
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ class RoundSelection:
     )
 
     def __post_init__(self) -> None:
-        if self.keep_round not in KEEP_ROUNDS:
-            raise RunConfigError(f"keep-round must be one of {', '.join(KEEP_ROUNDS)}, got {self.keep_round!r}")
+        check_choices(self)
 
 
 @dataclass(frozen=True)

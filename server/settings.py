@@ -18,7 +18,7 @@ from typing import Any
 from hymate.local_plan import LocalPlan
 from hymate.model import FREEZE_CHOICES, ModelOptions
 from hymate.model_bundle import Initialisation
-from hymate.settings_fields import RunConfigError, config_key, default_of, from_run_config, setting
+from hymate.settings_fields import RunConfigError, check_choices, config_key, default_of, from_run_config, setting
 from hymate.train import OPTIMIZERS
 from server.round_selection import RoundSelection
 from server.secure_aggregation import SecureAggregationSettings
@@ -107,12 +107,7 @@ class ServerSettings:
         for name in ("round_timeout", "wait_for_clients", "learning_rate"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{config_key_of(name)} must be positive, got {getattr(self, name)}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise SettingsError(f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.class_weight not in CLASS_WEIGHTS:
-            raise SettingsError(f"class-weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise SettingsError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        check_choices(self, ("optimizer", "lr_schedule", "class_weight"))
         if not 0 <= self.momentum < 1:
             raise SettingsError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.min_connected < 0:
