@@ -186,7 +186,7 @@ def model_card(
             "weight_decay": settings.weight_decay,
             "clip_grad_norm": settings.clip_grad_norm,
             # The positive class's loss weight every site used (0: each site its own).
-            "positive_class_weight": settings.positive_class_weight(facts.positive_class_weight()),
+            "positive_class_weight": settings.plan_pos_weight(facts.positive_class_weight()),
             "max_events": settings.max_events,
             "seed": settings.seed,
             "local_norms": settings.local_norms,

@@ -144,7 +144,7 @@ class ServerSettings:
         (or a member did not report its training positives)."""
         mine = {f.name for f in fields(self)}
         shared = {f.name: getattr(self, f.name) for f in fields(LocalPlan) if f.name in mine}
-        pos_weight = self.positive_class_weight(federation_pos_weight)
+        pos_weight = self.plan_pos_weight(federation_pos_weight)
         return LocalPlan(normalizer=normalizer, planned_rounds=self.rounds, pos_weight=pos_weight, **shared)
 
     def learning_rate_at(self, server_round: int) -> float:
@@ -154,7 +154,7 @@ class ServerSettings:
             return self.learning_rate
         return self.learning_rate * 0.5 * (1 + math.cos(math.pi * (server_round - 1) / self.rounds))
 
-    def positive_class_weight(self, federation_pos_weight: float | None) -> float:
+    def plan_pos_weight(self, federation_pos_weight: float | None) -> float:
         """The weight the plan sends: the federation's, or 0 (each site's own)."""
         return federation_pos_weight if self.class_weight == "federation" and federation_pos_weight else 0.0
 
