@@ -68,4 +68,5 @@ def plan_text(spec: SimulationSpec) -> str:
     train = spec.train
     return (
         f"{spec.rounds} x {spec.local_epochs}, {train.optimizer} lr {train.learning_rate:g}, batch {train.batch_size}"
+        + (", state kept" if spec.keep_optimizer_state else "")
     )

@@ -17,6 +17,7 @@ import torch
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update
 
 from client.local_norms import load_local_norms, save_local_norms
+from client.optimizer_state import load_optimizer_state, save_optimizer_state
 from client.site import LocalData
 from hymate.data.batches import StayDataset, make_loader
 from hymate.data.stays import StayTable
@@ -122,6 +123,8 @@ def train_locally(
     model.to(device)
     dataset = StayDataset(data.train, plan.normalizer, config.max_events)
     optimizer = make_optimizer(model, config)
+    if plan.keep_optimizer_state:
+        load_optimizer_state(optimizer, config.optimizer, data.settings.state_dir)
     proximal = ProximalTerm.at(model, proximal_mu) if proximal_mu > 0 else None
     pos_weight = class_weight(plan, data)
     dp = data.settings.privacy(plan.planned_rounds)
@@ -150,6 +153,8 @@ def train_locally(
         train_loss, privacy = float(np.mean(losses)), None
     if plan.local_norms:
         save_local_norms(model, data.settings.state_dir)
+    if plan.keep_optimizer_state:
+        save_optimizer_state(optimizer, config.optimizer, data.settings.state_dir)
     return TrainOutcome(weights_of(model.cpu()), len(data.train), train_loss, privacy)
 
 

@@ -52,6 +52,11 @@ class LocalPlan:
     #: label counts, so that FedAvg minimises the centralized objective); 0: each site its own.
     pos_weight: float = 0.0
     local_norms: bool = setting(False, help="FedBN: every site keeps its own normalisation layers")
+    keep_optimizer_state: bool = setting(
+        False,
+        help="every site continues its optimiser's state (AdamW's moments, SGD's momentum) from round to round "
+        "instead of starting it afresh (client.optimizer_state)",
+    )
     freeze: str = setting(
         default_of(TrainConfig, "freeze"), choices=FREEZE_CHOICES, help="part of the model every site keeps fixed"
     )

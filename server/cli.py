@@ -58,6 +58,7 @@ RUN_FLAGS = (
     "max_events",
     "seed",
     "local_norms",
+    "keep_optimizer_state",
     "freeze",
 )
 

@@ -183,6 +183,9 @@ def model_card(
             "batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate,
             "lr_schedule": settings.lr_schedule,
+            "optimizer": settings.optimizer,
+            "momentum": settings.momentum if settings.optimizer == "sgd" else None,
+            "keep_optimizer_state": settings.keep_optimizer_state,
             "weight_decay": settings.weight_decay,
             "clip_grad_norm": settings.clip_grad_norm,
             # The positive class's loss weight every site used (0: each site its own).
@@ -239,6 +242,7 @@ def render_markdown(card: dict[str, Any], model_file: str) -> str:
         "",
         f"Training: strategy `{t['strategy']}` {t['strategy_options'] or ''}, {t['rounds_completed']} of {t['rounds_planned']} rounds, "
         f"{t['local_epochs']} local epoch(s) per round, batch size {t['batch_size']}, learning rate {t['learning_rate']} ({t['lr_schedule']}), "
+        f"{_optimizer_text(t)}, "
         f"seed {t['seed']}, at least {t['min_clients']} sites per round.",
         f"Kept: round {t['kept_round']['round']} ({t['kept_round']['rule']}).",
         f"Model: {', '.join(f'{k} {v}' for k, v in t['model'].items())}.",
@@ -291,6 +295,13 @@ def render_markdown(card: dict[str, Any], model_file: str) -> str:
         lines += ["", "## Nodes refused for this run", ""]
         lines += [f"- {r['site']} (node {r['node_id']}): {r['reason']}" for r in card["refused_nodes"]]
     return "\n".join(lines) + "\n"
+
+
+def _optimizer_text(training: dict) -> str:
+    """The sites' optimiser as the card's markdown states it (cards written before it was recorded: AdamW)."""
+    name = training.get("optimizer", "adamw")
+    text = f"SGD with momentum {training['momentum']}" if name == "sgd" else "AdamW"
+    return text + (", its state kept between rounds" if training.get("keep_optimizer_state") else "")
 
 
 def _secure_aggregation_line(secure: dict[str, Any] | None) -> str:

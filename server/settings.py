@@ -76,6 +76,10 @@ class ServerSettings:
     local_norms: bool = setting(
         _plan_default("local_norms"), help="FedBN: every site keeps its own normalisation layers"
     )
+    keep_optimizer_state: bool = setting(
+        _plan_default("keep_optimizer_state"),
+        help="every site continues its optimiser's state (AdamW's moments, SGD's momentum) from round to round",
+    )
     secure_aggregation: SecureAggregationSettings = setting(default_factory=SecureAggregationSettings, group=True)
     freeze: str = setting(
         _plan_default("freeze"),

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 95 %% intervals")
     run.add_argument("--min-sites", type=int, help="sites that must reply in each federated round (default: all)")
     add_flags(run, RoundSelection)
-    add_flags(run, ServerSettings, ("lr_schedule", "class_weight"))
+    add_flags(run, ServerSettings, ("lr_schedule", "class_weight", "keep_optimizer_state"))
     add_dp_flags(p.add_argument_group("differential privacy at every virtual site"))
     add_flags(p.add_argument_group("model"), ModelOptions)
     add_flags(p.add_argument_group("model"), Initialisation)
@@ -156,6 +156,7 @@ def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
         selection=RoundSelection(**flag_values(RoundSelection, args)),
         class_weight=args.class_weight,
         lr_schedule=args.lr_schedule,
+        keep_optimizer_state=args.keep_optimizer_state,
     )
 
 

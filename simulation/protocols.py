@@ -76,6 +76,7 @@ class SimulationSpec:
     selection: RoundSelection = field(default_factory=RoundSelection)  # which round a federation keeps
     lr_schedule: str = "constant"  # a federation's learning rate over its rounds: "constant" or "cosine"
     class_weight: str = "federation"  # a federation's positive class weight: "federation" or each "site"'s own
+    keep_optimizer_state: bool = False  # every site continues its optimiser's state from round to round
     # Each site's split is stratified by label, so its val and test splits hold both classes
     # whenever it has three patients of each. One with fewer (a natural unit with two deaths, a
     # label-skewed virtual site) cannot: a loud warning carried into results.csv, sites.csv and
@@ -293,6 +294,7 @@ class Experiment:
                 "freeze": spec.train.freeze,
                 "class-weight": spec.class_weight,
                 "lr-schedule": spec.lr_schedule,
+                "keep-optimizer-state": spec.keep_optimizer_state,
             }
             | run_config_of(spec.secure_aggregation)
             | run_config_of(spec.selection)
