@@ -4,8 +4,9 @@ Takes hymate-sim's flags (``--dp-epsilon`` is required), runs the federated prot
 DP, then with DP at every site under those flags, then once per ``--lever`` (extra hymate-sim
 flags on top: an optimiser, a batch size, a plan length, a clipping bound, ...), all on the
 same partition, splits and test stays. Prints pooled test AUROC/AUPRC with 95 % intervals,
-their means over the sites, wall time, and each pooled AUROC over the non-DP one (issue 13
-bar: at least 0.95 at epsilon 8, delta 1e-5). The privacy ledger, the noise calibration and
+their means over the sites, wall time, each pooled AUROC over the non-DP one (issue 13
+bar: at least 0.95 at epsilon 8, delta 1e-5), and every row's paired difference from the first
+row on the same stays (bootstrap 95 % interval). The privacy ledger, the noise calibration and
 the refusal are the sites' own, unchanged: a lever can only change how the budget is used.
 
     python bench/dp_utility.py --synthetic-stays 1500 --rounds 20 --local-epochs 2 \\
@@ -30,9 +31,10 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from variants import plan_text, run_protocol, variant_spec  # noqa: E402
+from variants import paired_scores, plan_text, run_protocol, variant_spec  # noqa: E402
 
 from simulation.cli import build_parser  # noqa: E402
+from simulation.evaluation import Predictions  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,13 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     runs += [] if args.no_dp_base else [("DP", "")]
     runs += [(f"DP {lever}", lever) for lever in args.lever]
     table: dict[str, dict] = {}
+    reference: Predictions | None = None  # the first run's pooled predictions: every later run is paired with it
     for i, (label, flags) in enumerate(runs):
         spec = variant_spec(parser, base, flags or "", root / f"run-{i}")
         if flags is None:
             spec = dataclasses.replace(spec, privacy=None)
-        result, seconds = run_protocol(spec, "federated")
+        run = run_protocol(spec, "federated")
         noise = "" if spec.privacy is None else f"planned rounds {spec.privacy.planned_rounds or spec.rounds}"
-        table[label] = {"plan": plan_text(spec), "dp": noise} | result | {"wall s": round(seconds)}
+        paired = {} if reference is None else paired_scores([run.pooled], [reference], "first row", spec.bootstrap)
+        reference = reference or run.pooled
+        table[label] = {"plan": plan_text(spec), "dp": noise} | run.scores | paired | {"wall s": round(run.seconds)}
         print(f"{label}: {table[label]}", flush=True)
 
     frame = pd.DataFrame(table).T

@@ -4,8 +4,10 @@ Takes hymate-sim's flags (the same for every row) for the data, model and local 
 for each training seed, then each ``--federation`` (extra hymate-sim flags: strategy, its options, rounds, local
 epochs, ...) on the same sites, splits and test stays. Prints, side by side: pooled test
 AUROC/AUPRC with bootstrap 95 % intervals, their means over the sites, rounds x local
-epochs, wall time, and each pooled AUROC over the centralized one of the same seed (issue 13
-bar: >= 0.99); with several ``--seeds``, each seed's row and the mean and sd over the seeds.
+epochs, wall time, each pooled AUROC over the centralized one of the same seed (issue 13
+bar: >= 0.99) and the paired difference from it on the same stays (bootstrap 95 % interval);
+with several ``--seeds``, each seed's row, the mean and sd over the seeds, and the paired
+difference of the seeds' means.
 
     python bench/fed_p12.py --d-model 32 --max-events 400 --batch-size 128 --learning-rate 3e-3 \\
         --federation "--strategy fedavg --rounds 10" \\
@@ -27,9 +29,10 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cli import ensure_data  # noqa: E402
-from variants import plan_text, run_protocol, variant_spec  # noqa: E402
+from variants import paired_scores, plan_text, run_protocol, variant_spec  # noqa: E402
 
 from simulation.cli import build_parser  # noqa: E402
+from simulation.evaluation import Predictions  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,12 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     runs = [] if args.no_centralized else [("centralized", "", "centralized")]
     runs += [(flags, flags, "federated") for flags in args.federation]
     per_seed: dict[str, list[dict]] = {}
+    pooled: dict[str, dict[int, Predictions]] = {}  # run -> seed -> pooled test predictions
     for i, (label, flags, protocol) in enumerate(runs):
         spec = variant_spec(parser, base, flags, root / f"run-{i}")
         plan = f"{spec.train.epochs} epochs max" if protocol == "centralized" else plan_text(spec)
         for seed in seeds:
-            result, seconds = run_protocol(dataclasses.replace(spec, seeds=(seed,)), protocol)
-            row = {"plan": plan, "seed": seed} | result | {"wall s": round(seconds)}
+            run = run_protocol(dataclasses.replace(spec, seeds=(seed,)), protocol)
+            pooled.setdefault(label, {})[seed] = run.pooled
+            paired = (
+                {}
+                if label == "centralized" or "centralized" not in pooled
+                else (paired_scores([run.pooled], [pooled["centralized"][seed]], "centralized", given.bootstrap))
+            )
+            row = {"plan": plan, "seed": seed} | run.scores | paired | {"wall s": round(run.seconds)}
             per_seed.setdefault(label, []).append(row)
             print(f"{label}, seed {seed}: {row}", flush=True)
 
@@ -70,10 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 80):
         print(frame.set_index(["run", "seed"]).to_string(float_format=lambda x: f"{x:.4f}"))
         if len(seeds) > 1:
-            numbers = [c for c in frame.columns if c not in ("run", "seed", "plan") and "CI" not in c]
+            numbers = [c for c in frame.select_dtypes("number").columns if c != "seed"]
             summary = frame.groupby("run", sort=False)[numbers].agg(["mean", "std"])
             print(f"\nmean and sd over seeds {', '.join(map(str, seeds))}")
             print(summary.to_string(float_format=lambda x: f"{x:.4f}"))
+            if "centralized" in pooled:
+                print("\npaired on the same test stays, each side averaged over the seeds (bootstrap 95 % intervals)")
+                for label in per_seed:
+                    if label != "centralized":
+                        both = [pooled[label][s] for s in seeds], [pooled["centralized"][s] for s in seeds]
+                        print(f"{label}: {paired_scores(*both, 'centralized', given.bootstrap)}")
     return 0
 
 

@@ -13,10 +13,16 @@ import argparse
 import dataclasses
 import shlex
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from hymate.metrics import paired_bootstrap_difference
 from server.run_dir import RunDirectory
 from simulation.cli import spec_from_args
+from simulation.evaluation import Predictions
 from simulation.protocols import Experiment, SimulationSpec
 from simulation.report import results_frame
 
@@ -50,17 +56,46 @@ def scores(rows: list[dict], protocol: str) -> dict[str, float | str]:
     return out
 
 
-def run_protocol(spec: SimulationSpec, protocol: str) -> tuple[dict, float]:
-    """``protocol`` (its first seed) under ``spec``; returns its scores and wall seconds. The
-    parsed-data cache makes loading again cheap, and the partition and splits are fixed by the
-    split seed, so every variant sees the same stays."""
+@dataclass(frozen=True)
+class ProtocolRun:
+    """One protocol's scores, wall seconds and predictions on the pooled test stays."""
+
+    scores: dict[str, float | str]
+    seconds: float
+    pooled: Predictions
+
+
+def run_protocol(spec: SimulationSpec, protocol: str) -> ProtocolRun:
+    """``protocol`` (its first seed) under ``spec``. The parsed-data cache makes loading again
+    cheap, and the partition and splits are fixed by the split seed, so every variant sees the
+    same stays, in the same order: their pooled predictions pair (``paired_scores``)."""
     start = time.perf_counter()
-    experiment = Experiment(dataclasses.replace(spec, protocols=(protocol,), seeds=spec.seeds[:1]))
+    seed = spec.seeds[0]
+    experiment = Experiment(dataclasses.replace(spec, protocols=(protocol,), seeds=(seed,)))
     result = experiment.run()
     out = scores(result.rows, protocol)
     for path in result.federated_runs.values():  # one run: the federated protocol's first seed
         out["kept round"] = RunDirectory(path).model_card().kept_round
-    return out, time.perf_counter() - start
+    return ProtocolRun(out, time.perf_counter() - start, result.pooled_predictions[protocol, seed])
+
+
+def paired_scores(
+    runs: Sequence[Predictions], references: Sequence[Predictions], label: str, n_resamples: int = 1000
+) -> dict[str, str]:
+    """AUROC and AUPRC of ``runs`` minus those of ``references`` (each a model's pooled test
+    predictions; several: seeds, averaged on each side) with paired bootstrap 95 % intervals,
+    as table cells headed ``"d AUROC vs <label>"``."""
+    labels = references[0].labels
+    for p in (*runs, *references):
+        if not np.array_equal(p.labels, labels):
+            raise ValueError("paired_scores: the runs were not scored on the same test stays in the same order")
+    cells = {}
+    for metric in ("auroc", "auprc"):
+        d = paired_bootstrap_difference(
+            metric, labels, [p.probs for p in runs], [p.probs for p in references], n_resamples=n_resamples
+        )
+        cells[f"d {metric.upper()} vs {label}"] = f"{d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+    return cells
 
 
 def plan_text(spec: SimulationSpec) -> str:

@@ -39,7 +39,7 @@ from server.round_selection import RoundSelection
 from server.run_dir import RunDirectory
 from server.secure_aggregation import SecureAggregationSettings
 from simulation.engine import EngineSettings, simulate_federation
-from simulation.evaluation import metric_rows, predict, variable_importance
+from simulation.evaluation import Predictions, metric_rows, predict, variable_importance
 from simulation.partitioners import PartitionScheme, partition_stays
 from strategies.registry import StrategySpec
 
@@ -106,6 +106,9 @@ class SiteSplit:
 class ExperimentResult:
     rows: list[dict] = field(default_factory=list)
     federated_runs: dict[str, Path] = field(default_factory=dict)  # label -> run dir
+    # (protocol, seed) -> the predictions on the pooled test stays of the model trained on every
+    # site, in one fixed stay order: what paired comparisons between runs need.
+    pooled_predictions: dict[tuple[str, int], Predictions] = field(default_factory=dict)
     importance: dict[str, float] = field(default_factory=dict)
     variables: tuple[str, ...] = ()
     warnings: list[str] = field(default_factory=list)  # splits allowed without both classes
@@ -155,7 +158,7 @@ class Experiment:
 
     # -- helpers --------------------------------------------------------------------
 
-    def _score(self, model: HyMaTE, normalizer, table: StayTable, seed: int, test_site: str, **keys) -> None:
+    def _score(self, model: HyMaTE, normalizer, table: StayTable, seed: int, test_site: str, **keys) -> Predictions:
         """Predict ``table`` on the requested device and add its metric rows: the one scoring
         path of every protocol. Rows of a test split without both classes carry its warning."""
         p = predict(model, normalizer, table, self.spec.train.max_events, self.spec.train.device)
@@ -169,6 +172,7 @@ class Experiment:
             warning=warning,
             **keys,
         )
+        return p
 
     def _pooled(self, part: str, names: list[str] | None = None) -> StayTable:
         names = names or list(self.sites)
@@ -179,9 +183,11 @@ class Experiment:
     ) -> None:
         tests = {name: s.test for name, s in self.sites.items()} | {"pooled": self._pooled("test")}
         for test_site, table in tests.items():
-            self._score(
+            predictions = self._score(
                 model, normalizer, table, seed, test_site, protocol=protocol, strategy=strategy, train_sites=train_sites
             )
+            if test_site == "pooled" and train_sites == "all":
+                self.result.pooled_predictions[protocol, seed] = predictions
 
     def _train_config(self, seed: int) -> TrainConfig:
         return dataclasses.replace(self.spec.train, seed=seed)
