@@ -63,11 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             run = run_protocol(dataclasses.replace(spec, seeds=(seed,)), protocol)
             pooled.setdefault(label, {})[seed] = run.pooled
-            paired = (
-                {}
-                if label == "centralized" or "centralized" not in pooled
-                else (paired_scores([run.pooled], [pooled["centralized"][seed]], "centralized", given.bootstrap))
-            )
+            paired = {}
+            if protocol == "federated" and "centralized" in pooled:
+                paired = paired_scores([run.pooled], [pooled["centralized"][seed]], "centralized", given.bootstrap)
             row = {"plan": plan, "seed": seed} | run.scores | paired | {"wall s": round(run.seconds)}
             per_seed.setdefault(label, []).append(row)
             print(f"{label}, seed {seed}: {row}", flush=True)
