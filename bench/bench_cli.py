@@ -30,6 +30,8 @@ TRAINING_FLAGS = (
     "optimizer",
     "momentum",
     "freeze",
+    "validation_stays",
+    "ema_decay",
 )
 
 

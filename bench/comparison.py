@@ -189,7 +189,12 @@ def run_hymate(
     with PeakMemory() as memory:
         result = train_centralized(train, val, {}, options, config, init_from)
         probs = predict_in_order(result, test, config)
-    note = f"best epoch {result.fit.best_epoch} of {len(result.fit.history)}; val AUROC {result.fit.best.auroc:.3f}"
+    fitted = result.fit
+    note = (
+        f"best epoch {fitted.best_epoch} of {len(fitted.history)}; val AUROC {fitted.best.auroc:.3f}"
+        if fitted.best is not None
+        else f"{len(fitted.history)} epochs on the training and validation stays"
+    )
     record.add(
         ModelRun(
             protocol, test_name, hymate_name(options), config.seed, test.stay_ids, test.labels, probs,

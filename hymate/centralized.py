@@ -14,7 +14,7 @@ import torch
 
 from hymate.data.batches import StayDataset, make_loader
 from hymate.data.normalization import MomentSums, Normalizer
-from hymate.data.stays import StayTable
+from hymate.data.stays import StayTable, concat_tables
 from hymate.model import HyMaTE, ModelOptions
 from hymate.model_bundle import initial_weights
 from hymate.train import (
@@ -47,7 +47,8 @@ def train_centralized(
     config: TrainConfig,
     init_from: str = "",
 ) -> CentralizedResult:
-    """Fit HyMaTE on ``train`` with early stopping on ``val``; evaluate on each named test set.
+    """Fit HyMaTE on ``train`` with early stopping on ``val`` (or, with ``config.validation_stays``
+    ``train``, on both for every epoch); evaluate on each named test set.
 
     ``init_from``: a checkpoint (``model.pt``) to start from instead of random weights, e.g. a
     pre-trained one; ``config.freeze`` then keeps part of it fixed. The normaliser is always the
@@ -55,10 +56,16 @@ def train_centralized(
     there; the checkpoint's is used only to score with it as it is (``ModelBundle``)."""
     start = time.perf_counter()
     torch.manual_seed(config.seed)
+    if config.validation_stays == "train":
+        train, val = concat_tables([train, val], train.name), None
     normalizer = MomentSums.from_table(train).to_normalizer()
     pos_weight = config.pos_weight or positive_class_weight(train.labels)
     train_loader = make_loader(StayDataset(train, normalizer, config.max_events), config.batch_size, True, config.seed)
-    val_loader = make_loader(StayDataset(val, normalizer, config.max_events), 2 * config.batch_size, False)
+    val_loader = (
+        None
+        if val is None
+        else make_loader(StayDataset(val, normalizer, config.max_events), 2 * config.batch_size, False)
+    )
     model = HyMaTE(model_options.for_table(train))
     if init_from:
         model.load_state_dict(initial_weights(init_from, model_options, train.variables, train.static_names))
@@ -67,7 +74,7 @@ def train_centralized(
         sum(p.numel() for p in model.parameters()),
         f" from {init_from}" if init_from else "",
         len(train),
-        len(val),
+        0 if val is None else len(val),
     )
     result = fit(model, train_loader, val_loader, config, pos_weight)
     device = select_device(config.device)

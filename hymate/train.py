@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from hymate.allocator import return_large_blocks_to_os, trim_heap
 from hymate.data.batches import Batch
@@ -28,6 +29,7 @@ from hymate.settings_fields import check_choices, setting
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sgd")  # the local optimisers a plan may name (make_optimizer builds them)
+VALIDATION_USES = ("early-stop", "train")  # what centralized training does with the validation stays
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,22 @@ class TrainConfig:
     # The optimiser's gradient-norm clip (not DP's per-sample clip, which is the site's dp-max-grad-norm).
     clip_grad_norm: float = setting(1.0, help="clip the gradient's norm to this before each step")
     patience: int = setting(5, help="epochs without improvement before early stopping")
+    # A booster early-stops inside its training stays; HyMaTE holds a fifth of them out to choose
+    # its epoch. With a schedule that ends where the best epoch is (--epochs 5: best epochs 4-5),
+    # the held-out stays are better spent on training.
+    validation_stays: str = setting(
+        "early-stop",
+        choices=VALIDATION_USES,
+        help="centralized and local-only training: stop early on the validation stays and keep the best "
+        "epoch, or train on them too for all --epochs and keep the last (federated sites always keep them "
+        "for --keep-round)",
+    )
+    # An exponential moving average of the weights (updated every step) smooths the last steps'
+    # noise on small, noisy clinical sets; it is what early stopping and the final model then use.
+    ema_decay: float = setting(
+        0.0,
+        help="centralized and local-only training: decay of an exponential moving average of the weights, which early stopping scores and the final model keeps (0: off)",
+    )
     max_events: int = setting(880, help="events kept per stay (the most recent)")
     cosine_schedule: bool = True
     pos_weight: float | None = None  # None: from the training labels, see positive_class_weight
@@ -64,9 +82,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        check_choices(self, ("freeze", "optimizer"))
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        check_choices(self, ("freeze", "optimizer", "validation_stays"))
+        for name in ("momentum", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -118,10 +137,12 @@ def train_epoch(
     max_grad_norm: float | None,
     proximal: ProximalTerm | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    averaged: AveragedModel | None = None,
 ) -> float:
     """One pass over ``batches``; returns the mean training loss per stay.
 
     ``max_grad_norm=None`` leaves clipping to the optimizer (Opacus clips per sample).
+    ``averaged`` (an EMA of the weights) is updated after every step.
     Freed activations go back to the OS (``hymate.allocator``), so resident memory follows
     the largest batch instead of growing with heap fragmentation.
     """
@@ -144,6 +165,8 @@ def train_epoch(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if averaged is not None:
+            averaged.update_parameters(model)
         total += loss.item() * len(batch)
         count += len(batch)
     trim_heap()
@@ -185,8 +208,11 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device, p
 
 @dataclass
 class FitResult:
+    """The epoch the model ends on, its validation scores (None when there were no validation
+    stays to score: the last epoch is kept) and each epoch's losses and scores."""
+
     best_epoch: int
-    best: Evaluation
+    best: Evaluation | None
     history: list[dict[str, float]]
 
 
@@ -207,11 +233,13 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 def fit(
     model: nn.Module,
     train_batches: Iterable[Batch],
-    val_batches: Iterable[Batch],
+    val_batches: Iterable[Batch] | None,
     config: TrainConfig,
     pos_weight: float,
 ) -> FitResult:
-    """Train with early stopping on validation AUROC + AUPRC; the model ends on its best weights."""
+    """Train with early stopping on validation AUROC + AUPRC; the model ends on its best weights.
+    Without ``val_batches`` every epoch runs and the model ends on the last. Under
+    ``config.ema_decay`` the weights scored and kept are the moving average's."""
     device = select_device(config.device)
     model.to(device)
     optimizer = make_optimizer(model, config)
@@ -221,13 +249,31 @@ def fit(
         if config.cosine_schedule
         else None
     )
+    averaged = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        if config.ema_decay
+        else None
+    )
+    scored = model if averaged is None else averaged.module
     best: Evaluation | None = None
     best_state, best_epoch, history = None, 0, []
     for epoch in range(1, config.epochs + 1):
         train_loss = train_epoch(
-            model, train_batches, optimizer, device, pos_weight, config.clip_grad_norm, scheduler=scheduler
+            model,
+            train_batches,
+            optimizer,
+            device,
+            pos_weight,
+            config.clip_grad_norm,
+            scheduler=scheduler,
+            averaged=averaged,
         )
-        val = evaluate(model, val_batches, device, pos_weight)
+        if val_batches is None:
+            history.append({"epoch": epoch, "train_loss": train_loss})
+            log.info("epoch %d: train loss %.4f", epoch, train_loss)
+            best_epoch = epoch
+            continue
+        val = evaluate(scored, val_batches, device, pos_weight)
         history.append(
             {
                 "epoch": epoch,
@@ -246,10 +292,12 @@ def fit(
             val.auprc,
         )
         if best is None or val.score > best.score:
-            best, best_epoch, best_state = val, epoch, copy.deepcopy(model.state_dict())
+            best, best_epoch, best_state = val, epoch, copy.deepcopy(scored.state_dict())
         elif epoch - best_epoch >= config.patience:
             log.info("early stop: no improvement for %d epochs (best epoch %d)", config.patience, best_epoch)
             break
-    assert best is not None and best_state is not None
-    model.load_state_dict(best_state)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    elif averaged is not None:
+        model.load_state_dict(averaged.module.state_dict())
     return FitResult(best_epoch, best, history)

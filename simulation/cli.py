@@ -108,6 +108,8 @@ TRAIN_FLAGS = (
     "max_events",
     "device",
     "freeze",
+    "validation_stays",
+    "ema_decay",
 )
 
 
