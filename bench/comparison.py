@@ -117,7 +117,7 @@ class RunRecord:
         )
         r = run.row()
         print(
-            f"{r['protocol']:<12}{r['test']:<12}{r['model']:<26}{r['seed']:>5}{r['auroc']:>8}{r['auprc']:>8}"
+            f"{r['protocol']:<12}{r['test']:<12}{r['model']:<36}{r['seed']:>5}{r['auroc']:>8}{r['auprc']:>8}"
             f"{r['seconds']:>9}{r['peak_rss_mb']:>8}  {r['note']}",
             flush=True,
         )
@@ -145,7 +145,7 @@ class RunRecord:
 
 def header() -> None:
     print(
-        f"{'protocol':<12}{'test':<12}{'model':<26}{'seed':>5}{'AUROC':>8}{'AUPRC':>8}{'wall s':>9}{'RSS MB':>8}",
+        f"{'protocol':<12}{'test':<12}{'model':<36}{'seed':>5}{'AUROC':>8}{'AUPRC':>8}{'wall s':>9}{'RSS MB':>8}",
         flush=True,
     )
 
@@ -168,8 +168,15 @@ def run_baselines(
         )  # fmt: skip
 
 
-def hymate_name(options: ModelOptions) -> str:
-    return "HyMaTE+summaries" if options.summary_branch else "HyMaTE"
+def hymate_name(options: ModelOptions, config: TrainConfig) -> str:
+    """The model's row name: the summary branch and the fitting options that change what is
+    trained on or kept, so that variants written to one OUT folder stay apart."""
+    name = "HyMaTE+summaries" if options.summary_branch else "HyMaTE"
+    if config.validation_stays == "train":
+        name += "+trainval"
+    if config.ema_decay:
+        name += f"+ema{config.ema_decay:g}"
+    return name
 
 
 def run_hymate(
@@ -197,7 +204,7 @@ def run_hymate(
     )
     record.add(
         ModelRun(
-            protocol, test_name, hymate_name(options), config.seed, test.stay_ids, test.labels, probs,
+            protocol, test_name, hymate_name(options, config), config.seed, test.stay_ids, test.labels, probs,
             time.perf_counter() - start, memory.mb, note,
         )
     )  # fmt: skip

@@ -33,3 +33,26 @@ def test_runs_on_other_stays_are_not_paired():
     labels = (np.arange(100) % 4 == 0).astype(float)
     with pytest.raises(ValueError, match="not scored on the same test stays"):
         paired_scores([_predictions(labels[::-1], 0, 1.0)], [_predictions(labels, 0, 1.0)], "other")
+
+
+def test_fitting_variants_written_to_one_folder_keep_apart_names():
+    from comparison import hymate_name
+
+    from hymate.model import ModelOptions
+    from hymate.train import TrainConfig
+
+    summaries = ModelOptions(summary_branch=True)
+    names = {
+        hymate_name(summaries, TrainConfig()),
+        hymate_name(summaries, TrainConfig(validation_stays="train")),
+        hymate_name(summaries, TrainConfig(ema_decay=0.998)),
+        hymate_name(summaries, TrainConfig(validation_stays="train", ema_decay=0.998)),
+        hymate_name(ModelOptions(), TrainConfig()),
+    }
+    assert names == {
+        "HyMaTE+summaries",
+        "HyMaTE+summaries+trainval",
+        "HyMaTE+summaries+ema0.998",
+        "HyMaTE+summaries+trainval+ema0.998",
+        "HyMaTE",
+    }
