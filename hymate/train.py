@@ -62,7 +62,8 @@ class TrainConfig:
     # noise on small, noisy clinical sets; it is what early stopping and the final model then use.
     ema_decay: float = setting(
         0.0,
-        help="centralized and local-only training: decay of an exponential moving average of the weights, which early stopping scores and the final model keeps (0: off)",
+        help="centralized, local-only and personalised training (not a federation's sites): decay of an "
+        "exponential moving average of the weights, which early stopping scores and the final model keeps (0: off)",
     )
     max_events: int = setting(880, help="events kept per stay (the most recent)")
     cosine_schedule: bool = True
