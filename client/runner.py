@@ -30,6 +30,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 from flwr.app import Context, Message
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
@@ -55,7 +56,8 @@ from flwr.supercore.interceptors import (
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker
+from flwr.supercore.retry.retry_invoker import exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
@@ -66,6 +68,33 @@ INSTALLED_CLIENTAPP = "client.app:app"
 #: Top-level folders of the site-side packages: a FAB carrying any of them tries to replace them.
 SITE_PACKAGES = ("client", "hymate")
 _ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
+#: How long a task's calls wait for a SuperNode that stopped answering before the task is let go.
+TASK_PATIENCE_S = 60.0
+_RETRIED_STATUS = frozenset({502, 503, 504})
+
+
+def runtime_retry_invoker(max_time: float | None = TASK_PATIENCE_S, max_tries: int | None = None) -> RetryInvoker:
+    """Retries for this runner's calls to its SuperNode: transport errors and 502/503/504 are
+    retried (for at most ``max_time`` seconds), any other HTTP error gives up at once.
+
+    Why not Flower's ``make_simple_http_retry_invoker``: on a 401 it sends SIGINT to its own
+    process, which suits a one-shot ``flwr-clientapp`` but here is ``hymate-client`` itself. A
+    SuperNode restarted while a task was in flight answers the old task's token with 401, and that
+    SIGINT ended the site (its supervisor stopped the fresh SuperNode, and the interpreter then hung
+    on the task's pull threads). A stale task is lost, never the site: the coordinator's next message
+    comes as a new task from the new SuperNode.
+    """
+
+    def give_up(e: Exception) -> bool:
+        return isinstance(e, httpx.HTTPStatusError) and e.response.status_code not in _RETRIED_STATUS
+
+    return RetryInvoker(
+        wait_gen_factory=lambda: exponential(max_delay=5.0),
+        recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
+        max_tries=max_tries,
+        max_time=max_time,
+        should_giveup=give_up,
+    )
 
 
 class AppRefused(RuntimeError):
@@ -134,16 +163,16 @@ class SiteRunner:
         app: ClientApp,
         policy: AppPolicy | None = None,
         poll_seconds: float = 0.2,
+        task_patience_s: float = TASK_PATIENCE_S,
     ):
         self.runtime_address = runtime_address
+        self.task_patience_s = task_patience_s
         self.app = app
         self.policy = policy or AppPolicy()
         self.poll_seconds = poll_seconds
         self.tasks_run = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        quiet = make_simple_http_retry_invoker()
-        quiet.max_tries = 1  # while the SuperNode restarts, serve() waits and asks again, without log noise
         self._acquirer = RuntimeHttpClient.from_server_address(
             server_address=runtime_address,
             insecure=True,  # loopback only, between two processes of this site
@@ -152,7 +181,8 @@ class SiteRunner:
                 RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                 SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=[_ACQUIRE]),
             ],
-            retry_invoker=quiet,
+            # One try: while the SuperNode restarts, serve() waits and asks again, without log noise.
+            retry_invoker=runtime_retry_invoker(max_tries=1),
         )
 
     def start(self) -> None:
@@ -188,7 +218,7 @@ class SiteRunner:
                 RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                 RuntimeTokenHttpInterceptor(token),
             ],
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=runtime_retry_invoker(self.task_patience_s),
         )
         heartbeat = HeartbeatSender(lambda: _send_heartbeat(client))
         message: Message | None = None
@@ -208,7 +238,10 @@ class SiteRunner:
             if message is not None:
                 reply = _error_reply(message, ErrorCode.INVALID_FAB, details)
         except Exception as e:
-            log.exception("the ClientApp raised")
+            if message is None:  # its SuperNode restarted (the token is stale) or stopped answering
+                log.warning("let go of a task its SuperNode no longer serves: %s", e)
+            else:
+                log.exception("the ClientApp raised")
             details = f"{type(e)}:<'{e}'>"  # the reason format flwr-clientapp uses
             if message is not None:
                 reply = _error_reply(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, details)

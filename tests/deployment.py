@@ -33,6 +33,17 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, poll: f
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def as_a_foreground_job() -> None:
+    """``preexec_fn``: SIGINT at its default, as in a terminal's foreground job or a service.
+
+    A job started in the background of a non-interactive shell (a CI runner, ``nohup ... &``)
+    inherits SIGINT ignored, and Python then keeps ignoring it. Tests that start real processes
+    restore it, so that what a SIGINT does there (Ctrl-C, or a library signalling its own process)
+    is what it does at a hospital, whichever way the suite was started.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, sig)
@@ -87,6 +98,7 @@ class Deployment:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=as_a_foreground_job,
                 # Several sites share two cores here: OpenMP threads that busy-wait for work would
                 # starve each other (a training step measured 5x slower), so they sleep instead.
                 env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})},
@@ -151,6 +163,15 @@ class Deployment:
     def log(self, name: str) -> str:
         path = self.root / name
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def diagnosis(self, chars: int = 2000) -> str:
+        """The end of the server's log and of each site's, without the per-request noise: what a
+        failed assertion shows, so that a failure on CI can be read without its machine."""
+        parts = []
+        for name in ["server.log", *(f"client{i}.log" for i in range(1, self.n_sites + 1))]:
+            lines = [line for line in self.log(name).splitlines() if "HTTP Request" not in line]
+            parts.append(f"--- {name} ---\n" + "\n".join(lines)[-chars:])
+        return "\n".join(parts)
 
     def rounds_done(self) -> list[int]:
         if not self.run_dir.exists():

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from hymate.processes import free_port
-from tests.deployment import BIN, kill_group, wait_until
+from tests.deployment import BIN, as_a_foreground_job, kill_group, wait_until
 
 # About 3-4 min on two quiet cores; the bounds leave room for a machine shared with other work.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -88,7 +88,13 @@ def test_the_readme_deployment_runs_as_written(tmp_path):
             return None
         with open(tmp_path / log_name, "ab") as log:
             process = subprocess.Popen(
-                command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                cwd=tmp_path,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=as_a_foreground_job,
             )
         background.append(process)
         return process

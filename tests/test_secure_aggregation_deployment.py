@@ -98,7 +98,7 @@ def test_secure_aggregation_matches_fedavg_recovers_a_dropout_and_fails_a_round_
         for i in (1, 2, 3):
             env = {"PYTHONPATH": str(hooks["site"]), "HYMATE_SILENCE": str(SILENCE)} | drops.get(i, {})
             d.start_client(i, "--secure-aggregation", env=env)
-        assert d.wait_server(server, 420) == 0, d.log("server.log")[-3000:]
+        assert d.wait_server(server, 420) == 0, d.diagnosis()
     finally:
         d.stop()
 

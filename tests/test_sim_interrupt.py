@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.deployment import as_a_foreground_job
+
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
@@ -45,16 +47,6 @@ def _cmdline(pid: int) -> str:
     return ""
 
 
-def _as_a_foreground_job() -> None:
-    """SIGINT at its default, as in a terminal's foreground job.
-
-    A job started in the background of a non-interactive shell (a CI runner, ``nohup ... &``)
-    inherits SIGINT ignored, and Python then keeps ignoring it: Ctrl-C never reached hymate-sim,
-    which ran all its rounds past the test's wait.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.timeout(260)
 def test_ctrl_c_stops_hymate_sim_with_exit_130_and_leaves_no_process(tmp_path):
     out = tmp_path / "sim"
@@ -63,7 +55,7 @@ def test_ctrl_c_stops_hymate_sim_with_exit_130_and_leaves_no_process(tmp_path):
         sim = subprocess.Popen(
             [BIN / "hymate-sim", *TINY, "--rounds", "200", "--out", str(out)],
             start_new_session=True,  # its own group, as a terminal's foreground job would be
-            preexec_fn=_as_a_foreground_job,
+            preexec_fn=as_a_foreground_job,
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
