@@ -237,12 +237,11 @@ class SiteRunner:
             if message is not None:
                 reply = _error_reply(message, ErrorCode.INVALID_FAB, details)
         except Exception as e:
+            details = f"{type(e)}:<'{e}'>"  # the reason format flwr-clientapp uses
             if message is None:  # its SuperNode restarted (the token is stale) or stopped answering
                 log.warning("let go of a task its SuperNode no longer serves: %s", e)
             else:
                 log.exception("the ClientApp raised")
-            details = f"{type(e)}:<'{e}'>"  # the reason format flwr-clientapp uses
-            if message is not None:
                 reply = _error_reply(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, details)
         finally:
             try:
