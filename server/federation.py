@@ -212,7 +212,8 @@ class Federation:
         self.facts = facts
         plan = s.plan(facts.build_normalizer(), facts.positive_class_weight()).to_record()
         for server_round in range((done[-1] if done else 0) + 1, s.rounds + 1):
-            round_plan = plan | {"learning_rate": s.learning_rate_at(server_round)}
+            rate = s.learning_rate_at(server_round, self.run_dir.history())
+            round_plan = plan | {"learning_rate": rate}
             weights = self.run_round(server_round, weights, round_plan)
         return self.write_final_outputs(facts, weights)
 
@@ -388,6 +389,7 @@ class Federation:
             "round": server_round,
             "train": weighted_means(r.message for r in trained.accepted),
             "evaluate": weighted_means(r.message for r in evaluated.accepted),
+            "learning_rate": plan["learning_rate"],
             "sites": {"train": trained.per_site, "evaluate": per_site(evaluated.accepted)},
             "privacy": privacy_reports(trained.verified),
             "rejected": [asdict(r) for r in rejected],

@@ -198,7 +198,15 @@ class RunDirectory:
         return RoundCheckpoint(server_round, weights, state, metrics)
 
     def history(self) -> list[dict[str, Any]]:
-        return [self.read_round(r).metrics for r in self.completed_rounds()]
+        """Every completed round's metrics, in order (without reading the rounds' weights)."""
+        history = []
+        for server_round in self.completed_rounds():
+            path = self.round_path(server_round) / ROUND_METRICS_FILE
+            try:
+                history.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as e:
+                raise RunDirError(f"checkpoint {path.parent} is unreadable: {e}") from e
+        return history
 
     # -- final outputs --------------------------------------------------------------
 
