@@ -212,8 +212,7 @@ class Federation:
         self.facts = facts
         plan = s.plan(facts.build_normalizer(), facts.positive_class_weight()).to_record()
         for server_round in range((done[-1] if done else 0) + 1, s.rounds + 1):
-            rate = s.learning_rate_at(server_round, self.run_dir.history())
-            round_plan = plan | {"learning_rate": rate}
+            round_plan = plan | {"learning_rate": s.learning_rate_at(server_round)}
             weights = self.run_round(server_round, weights, round_plan)
         return self.write_final_outputs(facts, weights)
 

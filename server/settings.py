@@ -10,7 +10,7 @@ in-process by the simulator.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -20,13 +20,12 @@ from hymate.model import FREEZE_CHOICES, ModelOptions
 from hymate.model_bundle import Initialisation
 from hymate.settings_fields import RunConfigError, check_choices, config_key, default_of, from_run_config, setting
 from hymate.train import OPTIMIZERS
-from server.lr_plateau import plateau_rate
 from server.round_selection import RoundSelection
 from server.secure_aggregation import SecureAggregationSettings
 from strategies.registry import StrategyError, StrategySpec, check_secure_aggregation
 
 CLASS_WEIGHTS = ("federation", "site")
-LR_SCHEDULES = ("constant", "cosine", "plateau")
+LR_SCHEDULES = ("constant", "cosine")
 
 SettingsError = RunConfigError  # a run-config key has a wrong type or value; names the key
 
@@ -92,9 +91,8 @@ class ServerSettings:
     lr_schedule: str = setting(
         "constant",
         choices=LR_SCHEDULES,
-        help="the sites' learning rate over the rounds: constant; cosine from --learning-rate in round 1 "
-        "towards 0 after the last (the annealing centralized training does over its epochs); or plateau: "
-        "halved after every 2 rounds without a better mean validation AUROC + AUPRC over the sites",
+        help="the sites' learning rate over the rounds: constant, or cosine from --learning-rate in round 1 "
+        "towards 0 after the last (the annealing centralized training does over its epochs)",
     )
     class_weight: str = setting(
         "federation",
@@ -153,14 +151,11 @@ class ServerSettings:
         pos_weight = self.plan_pos_weight(federation_pos_weight)
         return LocalPlan(normalizer=normalizer, planned_rounds=self.rounds, pos_weight=pos_weight, **shared)
 
-    def learning_rate_at(self, server_round: int, history: Sequence[Mapping[str, Any]] = ()) -> float:
-        """The sites' learning rate in ``server_round`` (1-based), after the completed rounds
-        ``history``: the cosine schedule's value at the round's start, so round 1 trains at the
-        full rate and the last at a small one, or the plateau schedule's (``server.lr_plateau``)."""
+    def learning_rate_at(self, server_round: int) -> float:
+        """The sites' learning rate in ``server_round`` (1-based): the cosine schedule's value at
+        the round's start, so round 1 trains at the full rate and the last at a small one."""
         if self.lr_schedule == "constant":
             return self.learning_rate
-        if self.lr_schedule == "plateau":
-            return plateau_rate(self.learning_rate, history)
         return self.learning_rate * 0.5 * (1 + math.cos(math.pi * (server_round - 1) / self.rounds))
 
     def plan_pos_weight(self, federation_pos_weight: float | None) -> float:

@@ -74,7 +74,7 @@ class SimulationSpec:
     secure_aggregation: SecureAggregationSettings = field(default_factory=SecureAggregationSettings)
     init_from: str = ""  # a checkpoint every protocol starts from (absolute path; empty: random weights)
     selection: RoundSelection = field(default_factory=RoundSelection)  # which round a federation keeps
-    lr_schedule: str = "constant"  # a federation's learning rate over its rounds: constant, cosine or plateau
+    lr_schedule: str = "constant"  # a federation's learning rate over its rounds: "constant" or "cosine"
     class_weight: str = "federation"  # a federation's positive class weight: "federation" or each "site"'s own
     keep_optimizer_state: bool = False  # every site continues its optimiser's state from round to round
     # Each site's split is stratified by label, so its val and test splits hold both classes
