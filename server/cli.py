@@ -28,6 +28,7 @@ from hymate.processes import free_port
 from hymate.settings_fields import add_flags, flag_config
 from server.certs import create_federation_keys
 from server.events import ConsoleProgress
+from server.round_selection import RoundSelection
 from server.run_dir import RunDirectory, RunDirError
 from server.secure_aggregation import SecureAggregationSettings
 from server.settings import ServerSettings, SettingsError
@@ -60,6 +61,8 @@ RUN_FLAGS = (
     "local_norms",
     "keep_optimizer_state",
     "freeze",
+    "lr_schedule",
+    "class_weight",
 )
 
 
@@ -72,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help="checkpoints, logs, final model and model card (required)")
     federation = p.add_argument_group("federation and local training")
     add_flags(federation, ServerSettings, RUN_FLAGS)
+    add_flags(federation, RoundSelection)
     federation.add_argument(
         "--strategy-option", action="append", default=[], metavar="KEY=VALUE", help="strategy option (repeatable)"
     )
@@ -134,6 +138,7 @@ def run_config(args: argparse.Namespace) -> dict:
     init_from = args.init_from and str(Path(args.init_from).resolve())  # the ServerApp runs elsewhere
     return (
         flag_config(ServerSettings, args, RUN_FLAGS)
+        | flag_config(RoundSelection, args)
         | flag_config(ModelOptions, args)
         | flag_config(SecureAggregationSettings, args)
         | {"init-from": init_from}

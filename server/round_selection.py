@@ -3,12 +3,20 @@
 Centralized training stops early on validation AUROC + AUPRC (``hymate.train.fit``). A
 federation without the same rule is judged at whatever round its plan ends on, often after its
 best: on PhysioNet 2012's ICU types the global model peaked at round 6 of 10. Every site reports
-the global model's AUROC and AUPRC on its own validation stays (aggregates, like the test
-metrics beside them); ``keep-round best`` keeps the round whose mean of those over the sites,
-weighted by their validation stays, is highest. The test stays never choose the model they score.
+the global model's AUROC, AUPRC and loss on its own validation stays (aggregates, like the test
+metrics beside them). ``keep-round best`` keeps the round whose mean AUROC + AUPRC over the sites,
+weighted by their validation stays, is highest; ``best-loss`` the round whose mean validation loss,
+weighted the same way, is lowest. The test stays never choose the model they score.
+
+Why a loss rule: a rank metric over a site's validation stays rests on its few positives (6-12 at
+PhysioNet 2012's smaller ICU types), so one or two of them move the score by more than a round's
+progress, and ``best`` can stop at a noisy early peak. The weighted mean of the sites' losses is
+the loss over every validation stay of the federation (exactly so when the sites share one class
+weight), a sum of per-stay terms that a few stays cannot swing.
 
 A site could misreport its validation metrics to sway the choice among the run's rounds, as it
-can misreport its test metrics; screening (``server.screening``) only bounds them to [0, 1].
+can misreport its test metrics; screening (``server.screening``) only bounds them (ranks to
+[0, 1], losses to >= 0).
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ from hymate.settings_fields import check_choices, setting
 
 log = logging.getLogger(__name__)
 
-KEEP_ROUNDS = ("last", "best")
+KEEP_ROUNDS = ("last", "best", "best-loss")
 VALIDATION_METRICS = ("val-auroc", "val-auprc")
+VALIDATION_LOSS = "val-loss"
 VALIDATION_EXAMPLES = "val-num-examples"
 
 
@@ -34,8 +43,9 @@ class RoundSelection:
     keep_round: str = setting(
         "last",
         choices=KEEP_ROUNDS,
-        help="the model the run ends with: the last round's, or (best) the round with the highest mean validation "
-        "AUROC + AUPRC over the sites, early stopping as centralized training does",
+        help="the model the run ends with: the last round's, (best) the round with the highest mean validation "
+        "AUROC + AUPRC over the sites, early stopping as centralized training does, or (best-loss) the round with "
+        "the lowest mean validation loss, steadier where the sites' validation stays hold few positives",
     )
 
     def __post_init__(self) -> None:
@@ -49,44 +59,63 @@ class KeptRound:
     round: int
     rule: str
     validation_score: float | None  # mean validation AUROC + AUPRC of that round, if reported
+    validation_loss: float | None = None  # mean validation loss of that round, if reported
 
     def as_record(self) -> dict[str, Any]:
-        return {"round": self.round, "rule": self.rule, "validation_auroc_plus_auprc": self.validation_score}
+        return {
+            "round": self.round,
+            "rule": self.rule,
+            "validation_auroc_plus_auprc": self.validation_score,
+            "validation_loss": self.validation_loss,
+        }
+
+
+def _site_weighted_mean(entry: dict[str, Any], metric: str) -> float | None:
+    """One validation metric's mean over the sites that define it, weighted by their validation
+    stays; None when no site reported it."""
+    pairs = [
+        (float(m[metric]), float(m.get(VALIDATION_EXAMPLES, 0)))
+        for m in entry["sites"]["evaluate"].values()
+        if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])
+    ]
+    weight = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / weight if weight > 0 else None
 
 
 def validation_score(entry: dict[str, Any]) -> float | None:
-    """Validation AUROC + AUPRC of one round: each metric's mean over the sites that define it,
-    weighted by their validation stays; None when no site reported one."""
-    sites = entry["sites"]["evaluate"].values()
-    total = 0.0
-    for metric in VALIDATION_METRICS:
-        pairs = [
-            (float(m[metric]), float(m.get(VALIDATION_EXAMPLES, 0)))
-            for m in sites
-            if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])
-        ]
-        weight = sum(n for _, n in pairs)
-        if weight <= 0:
-            return None
-        total += sum(v * n for v, n in pairs) / weight
-    return total
+    """Validation AUROC + AUPRC of one round; None unless some site reported each."""
+    means = [_site_weighted_mean(entry, metric) for metric in VALIDATION_METRICS]
+    return None if None in means else sum(means)
+
+
+def validation_loss(entry: dict[str, Any]) -> float | None:
+    """Validation loss of one round; None when no site reported one."""
+    return _site_weighted_mean(entry, VALIDATION_LOSS)
 
 
 def kept_round(history: list[dict[str, Any]], rule: str) -> KeptRound:
     """The round to keep from a run's ``history`` (round metrics in order) under ``rule``.
 
     Failed rounds changed nothing and are kept only when every round failed (the model is then
-    the initial one); ``best`` falls back to the last round, saying so, when no round carries
-    validation metrics (sites on an older client)."""
+    the initial one); ``best`` and ``best-loss`` fall back to the last round, saying so, when no
+    round carries their validation metric (sites on an older client)."""
     completed = [entry for entry in history if "failed" not in entry]
     if not completed:
         return KeptRound(history[-1]["round"], "last (every round failed: the initial model)", None)
+
+    def kept(entry: dict[str, Any], why: str) -> KeptRound:
+        return KeptRound(entry["round"], why, validation_score(entry), validation_loss(entry))
+
     last = completed[-1]
     if rule == "last":
-        return KeptRound(last["round"], "last", validation_score(last))
-    scored = [(score, entry["round"]) for entry in completed if (score := validation_score(entry)) is not None]
-    if not scored:
-        log.warning("keep-round best: no site reported validation metrics; keeping the last round")
-        return KeptRound(last["round"], "last (no site reported validation metrics)", None)
-    score, best = max(scored, key=lambda pair: (pair[0], -pair[1]))  # ties: the earlier round
-    return KeptRound(best, "best validation AUROC + AUPRC", score)
+        return kept(last, "last")
+    if rule == "best-loss":
+        rate, sign, why = validation_loss, -1.0, "lowest validation loss"
+    else:
+        rate, sign, why = validation_score, 1.0, "best validation AUROC + AUPRC"
+    rated = [(sign * value, entry) for entry in completed if (value := rate(entry)) is not None]
+    if not rated:
+        log.warning("keep-round %s: no site reported validation metrics; keeping the last round", rule)
+        return kept(last, "last (no site reported validation metrics)")
+    _, best = max(rated, key=lambda pair: (pair[0], -pair[1]["round"]))  # ties: the earlier round
+    return kept(best, why)

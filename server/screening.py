@@ -27,6 +27,8 @@ from server.site_identity import SiteIdentities, SiteReply
 MAY_BE_UNDEFINED = frozenset({"auroc", "auprc", "val-auroc", "val-auprc", "val-loss"})
 # Rank metrics: a value outside [0, 1] is not a measurement (and must not choose the kept round).
 RANK_METRICS = frozenset({"auroc", "auprc", "val-auroc", "val-auprc"})
+# Cross-entropies: a negative one is not a measurement (and must not choose the kept round).
+LOSS_METRICS = frozenset({"loss", "val-loss", "train_loss"})
 
 #: Why a reply was not used: the site went away, stayed silent, failed, declined the round,
 #: is not who it says it is, or sent something malformed.
@@ -86,6 +88,8 @@ def _content_problem(content: RecordDict, phase: str, reference: ArrayRecord | N
             return f"metric {key!r} is not finite ({value!r})"
         if key in RANK_METRICS and not all(math.isnan(v) or 0.0 <= v <= 1.0 for v in values):
             return f"metric {key!r} must lie in [0, 1], got {value!r}"
+        if key in LOSS_METRICS and not all(math.isnan(v) or v >= 0.0 for v in values):
+            return f"metric {key!r} must not be negative, got {value!r}"
     if phase == "query":
         # The moments are absent under secure aggregation (they travel masked); the federation
         # decides whether it needs them.

@@ -49,6 +49,7 @@ class FakeSite:
     step: float = 0.0  # added to every weight it trains, so that rounds' models differ
     positives_train: int | None = None  # reported with the normalisation query when set
     val_auroc: dict[int, float] = field(default_factory=dict)  # per round; none: no validation metrics
+    val_loss: dict[int, float] = field(default_factory=dict)  # per round, reported beside val_auroc
 
     @property
     def name(self) -> str:
@@ -98,6 +99,8 @@ class FakeSite:
                 metrics["num-positives"] = self.positives
             if server_round in self.val_auroc:
                 metrics |= {"val-auroc": self.val_auroc[server_round], "val-auprc": 0.3, "val-num-examples": 20}
+            if server_round in self.val_loss:
+                metrics |= {"val-loss": self.val_loss[server_round], "val-num-examples": 20}
             content = RecordDict({"metrics": MetricRecord(metrics), "site": site})
         return Message(content, reply_to=message)
 

@@ -1,6 +1,6 @@
 """keep-round: a federation ends with its last round's model, or with the round its sites'
-validation stays rate best; the test stays never choose, and a site cannot claim an AUROC
-outside [0, 1] to sway the choice."""
+validation stays rate best (by AUROC + AUPRC, or by loss); the test stays never choose, and a
+site cannot claim an AUROC outside [0, 1] or a negative loss to sway the choice."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hymate.settings_fields import RunConfigError, run_config_of
-from server.round_selection import KeptRound, RoundSelection, kept_round, validation_score
+from server.round_selection import KeptRound, RoundSelection, kept_round, validation_loss, validation_score
 from server.run_dir import RunDirectory
 from simulation.cli import build_parser, spec_from_args
 from tests.fake_grid import FakeGrid, FakeSite
@@ -22,8 +22,9 @@ def entry(server_round: int, *sites: dict, failed: bool = False) -> dict:
     return e | {"failed": "halted"} if failed else e
 
 
-def val(auroc: float, auprc: float = 0.2, n: int = 10, test_auroc: float = 0.5) -> dict:
-    return {"auroc": test_auroc, "val-auroc": auroc, "val-auprc": auprc, "val-num-examples": n}
+def val(auroc: float, auprc: float = 0.2, n: int = 10, test_auroc: float = 0.5, loss: float | None = None) -> dict:
+    losses = {} if loss is None else {"val-loss": loss}
+    return {"auroc": test_auroc, "val-auroc": auroc, "val-auprc": auprc, "val-num-examples": n} | losses
 
 
 def test_validation_score_weights_each_metric_by_the_sites_validation_stays():
@@ -34,6 +35,30 @@ def test_validation_score_weights_each_metric_by_the_sites_validation_stays():
     assert validation_score(entry(1, {"auroc": 0.7})) is None
 
 
+def test_validation_loss_is_the_loss_over_every_sites_validation_stays():
+    # (0.3 * 30 + 0.7 * 10) / 40: the pooled loss when the sites share one class weight.
+    assert validation_loss(entry(1, val(0.9, loss=0.3, n=30), val(0.5, loss=0.7, n=10))) == pytest.approx(0.4)
+    # A site with no validation stays reports NaN (stored as null): left out.
+    assert validation_loss(entry(1, val(0.9, loss=0.3, n=30), val(None, loss=None, n=0))) == pytest.approx(0.3)
+    assert validation_loss(entry(1, val(0.9))) is None
+
+
+def test_best_loss_keeps_the_lowest_validation_loss_round_whatever_the_rank_metrics_say():
+    history = [
+        entry(1, val(0.6, loss=0.70)),
+        entry(2, val(0.9, loss=0.65)),  # a noisy peak of the rank metrics: "best" would stop here
+        entry(3, val(0.7, loss=0.55, test_auroc=0.1)),
+        entry(4, val(0.7, loss=0.40), failed=True),  # a failed round changed nothing
+        entry(5, val(0.8, loss=0.55)),  # a tie with round 3: the earlier round
+    ]
+    assert kept_round(history, "best").round == 2
+    kept = kept_round(history, "best-loss")
+    assert kept == KeptRound(3, "lowest validation loss", pytest.approx(0.9), pytest.approx(0.55))
+    # Sites that report no validation loss: the last round, saying so.
+    fallback = kept_round([entry(1, val(0.9)), entry(2, val(0.6))], "best-loss")
+    assert fallback.round == 2 and "no site reported validation metrics" in fallback.rule
+
+
 def test_best_keeps_the_highest_validation_round_and_never_looks_at_the_test_stays():
     history = [
         entry(1, val(0.6, test_auroc=0.99)),
@@ -42,7 +67,7 @@ def test_best_keeps_the_highest_validation_round_and_never_looks_at_the_test_sta
         entry(4, val(0.95), failed=True),  # a failed round changed nothing
         entry(5, val(0.7, test_auroc=0.9)),
     ]
-    assert kept_round(history, "best") == KeptRound(2, "best validation AUROC + AUPRC", pytest.approx(1.0))
+    assert kept_round(history, "best") == KeptRound(2, "best validation AUROC + AUPRC", pytest.approx(1.0), None)
     assert kept_round(history, "last").round == 5
 
 
@@ -55,7 +80,7 @@ def test_best_falls_back_to_the_last_round_and_says_so_without_validation_metric
 
 
 def test_an_unknown_rule_is_refused_naming_the_key_and_the_choices():
-    with pytest.raises(RunConfigError, match=r"keep-round must be one of last, best, got 'first'"):
+    with pytest.raises(RunConfigError, match=r"keep-round must be one of last, best, best-loss, got 'first'"):
         RoundSelection("first")
 
 
@@ -75,12 +100,31 @@ def test_the_coordinator_saves_the_kept_rounds_model_and_says_which(tmp_path):
         "round": 2,
         "rule": "best validation AUROC + AUPRC",
         "validation_auroc_plus_auprc": pytest.approx(1.2),
+        "validation_loss": None,  # these sites report none
     }
     assert card["final_evaluation"]["round"] == 2
     assert round_metrics(s, 2)["evaluate"]["val-auroc"] == pytest.approx(0.9)
     md = (s.run_dir / "model_card.md").read_text()
     assert "Kept: round 2 (best validation AUROC + AUPRC)." in md
     assert json.loads((s.run_dir / "model_card.json").read_text())["training"]["kept_round"]["round"] == 2
+
+
+def test_the_coordinator_keeps_the_lowest_validation_loss_round_under_best_loss(tmp_path):
+    sites = [
+        FakeSite(1, "h-1", step=0.25, val_auroc={1: 0.9, 2: 0.6, 3: 0.6}, val_loss={1: 0.7, 2: 0.5, 3: 0.6}),
+        FakeSite(2, "h-2", step=0.25, val_auroc={1: 0.9, 2: 0.6, 3: 0.6}, val_loss={1: 0.7, 2: 0.3, 3: 0.6}),
+    ]
+    s = settings(tmp_path, rounds=3, selection=RoundSelection("best-loss"), registered_sites=("h-1", "h-2"))
+    card = run(FakeGrid(sites), s)
+    assert card["training"]["kept_round"] == {
+        "round": 2,
+        "rule": "lowest validation loss",
+        "validation_auroc_plus_auprc": pytest.approx(0.9),
+        "validation_loss": pytest.approx(0.4),
+    }
+    saved = RunDirectory(s.run_dir).load_model().state_dict
+    second = RunDirectory(s.run_dir).read_round(2).weights
+    assert all(np.array_equal(saved[k].numpy(), second[k]) for k in second)
 
 
 def test_by_default_the_last_round_is_kept(tmp_path):
@@ -101,6 +145,16 @@ def test_a_site_claiming_a_validation_auroc_above_one_is_rejected(tmp_path):
     rejected = [r for r in card["rejected_replies"] if r["phase"] == "evaluate"]
     assert [(r["site"], r["reason"]) for r in rejected] == [("liar", "metric 'val-auroc' must lie in [0, 1], got 7.0")]
     assert card["training"]["kept_round"]["round"] == 1  # the tie between the honest rounds: the earlier
+
+
+def test_a_site_claiming_a_negative_validation_loss_is_rejected(tmp_path):
+    honest = FakeSite(1, "honest", val_auroc={1: 0.6, 2: 0.6}, val_loss={1: 0.5, 2: 0.6})
+    liar = FakeSite(2, "liar", val_auroc={1: 0.6, 2: 0.6}, val_loss={1: 0.5, 2: -50.0})  # would make round 2 "best"
+    s = settings(tmp_path, rounds=2, selection=RoundSelection("best-loss"), registered_sites=("honest", "liar"))
+    card = run(FakeGrid([honest, liar]), s)
+    rejected = [(r["site"], r["reason"]) for r in card["rejected_replies"] if r["phase"] == "evaluate"]
+    assert rejected == [("liar", "metric 'val-loss' must not be negative, got -50.0")]
+    assert card["training"]["kept_round"]["round"] == 1
 
 
 def test_hymate_sim_passes_keep_round_to_its_federation():

@@ -63,7 +63,7 @@ def test_a_run_config_builds_the_settings_with_nested_model_options():
         ({"num-server-rounds": 0}, "num-server-rounds must be at least 1"),
         ({"optimizer": "adam"}, "optimizer must be one of adamw, sgd, got 'adam'"),
         ({"class-weight": "pooled"}, "class-weight must be one of federation, site, got 'pooled'"),
-        ({"keep-round": "first"}, "keep-round must be one of last, best, got 'first'"),
+        ({"keep-round": "first"}, "keep-round must be one of last, best, best-loss, got 'first'"),
         ({"momentum": 1.0}, r"momentum must be in \[0, 1\), got 1.0"),
     ],
 )
