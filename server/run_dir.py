@@ -192,21 +192,21 @@ class RunDirectory:
                 weights = {k: npz[k] for k in npz.files}
             state_file = path / ROUND_STRATEGY_FILE
             state = pickle.loads(state_file.read_bytes()) if state_file.exists() else None
-            metrics = json.loads((path / ROUND_METRICS_FILE).read_text())
         except (OSError, ValueError, pickle.UnpicklingError, EOFError) as e:
             raise RunDirError(f"checkpoint {path} is unreadable: {e}") from e
-        return RoundCheckpoint(server_round, weights, state, metrics)
+        return RoundCheckpoint(server_round, weights, state, self.round_metrics(server_round))
+
+    def round_metrics(self, server_round: int) -> dict[str, Any]:
+        """One completed round's metrics, without reading its weights."""
+        path = self.round_path(server_round)
+        try:
+            return json.loads((path / ROUND_METRICS_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise RunDirError(f"checkpoint {path} is unreadable: {e}") from e
 
     def history(self) -> list[dict[str, Any]]:
-        """Every completed round's metrics, in order (without reading the rounds' weights)."""
-        history = []
-        for server_round in self.completed_rounds():
-            path = self.round_path(server_round) / ROUND_METRICS_FILE
-            try:
-                history.append(json.loads(path.read_text()))
-            except (OSError, ValueError) as e:
-                raise RunDirError(f"checkpoint {path.parent} is unreadable: {e}") from e
-        return history
+        """Every completed round's metrics, in order."""
+        return [self.round_metrics(server_round) for server_round in self.completed_rounds()]
 
     # -- final outputs --------------------------------------------------------------
 

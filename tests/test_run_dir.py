@@ -62,6 +62,10 @@ def test_a_corrupt_checkpoint_is_a_named_error(tmp_path):
     (tmp_path / "round-001" / "weights.npz").write_bytes(b"not a zip")
     with pytest.raises(RunDirError, match="round-001 is unreadable"):
         run.read_round(1)
+    assert run.history() == [checkpoint(1).metrics]  # the metrics alone are still readable
+    (tmp_path / "round-001" / "metrics.json").write_text("{truncated")
+    with pytest.raises(RunDirError, match="round-001 is unreadable"):
+        run.history()
 
 
 def test_server_optimizer_state_survives_a_checkpoint():
