@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -233,15 +234,16 @@ def test_pretraining_and_vocabulary_flags_share_one_spelling(tmp_path):
 def test_hymate_server_has_a_flag_for_every_federation_setting_it_does_not_derive():
     """The README's recommended flags (--keep-round, --lr-schedule, --class-weight, ...) work on
     the coordinator's command as on hymate-sim; the settings not listed come from other flags."""
-    from hymate.model_bundle import Initialisation
-    from server.round_selection import RoundSelection
-    from server.secure_aggregation import SecureAggregationSettings
     from server.settings import ServerSettings
 
     derived = {"strategy_options", "registered_sites", "run_dir", "simulation_manifest"}  # --strategy-option, ...
-    wanted = [f for f in fields(ServerSettings) if not f.metadata.get("group") and f.name not in derived]
-    for group in (ModelOptions, SecureAggregationSettings, Initialisation, RoundSelection):
-        wanted += fields(group)
+    kinds = typing.get_type_hints(ServerSettings)
+    wanted = []
+    for f in fields(ServerSettings):
+        if f.metadata.get("group"):  # every group a ServerSettings holds, a new one included
+            wanted += fields(kinds[f.name])
+        elif f.name not in derived:
+            wanted.append(f)
     server = listed_flags(server_cli.build_parser())
     assert {flag_of(f) for f in wanted} - server == set()
     argv = ["--run-dir", "r", "--keep-round", "best-loss", "--lr-schedule", "cosine", "--class-weight", "site"]
