@@ -43,6 +43,8 @@ SETTING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dp_max_grad_norm": (_finite_positive, "must be a finite number > 0"),
     "dp_planned_rounds": (lambda v: v >= 1, "must be at least 1"),
     "dp_accountant": (lambda v: v in ACCOUNTANTS, f"must be one of {', '.join(ACCOUNTANTS)}"),
+    "dp_clip_quantile": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "dp_clip_learning_rate": (_finite_positive, "must be a finite number > 0"),
 }
 
 # Node-config keys and flags of releases before the dp- prefix; still read, with a deprecation line.
@@ -68,6 +70,15 @@ class DPSettings:
     planned_rounds: int | None = setting(
         None, key="dp-planned-rounds", help="rounds to calibrate noise for, >= 1 (default: the coordinator's plan)"
     )
+    clip_quantile: float | None = setting(
+        None,
+        key="dp-clip-quantile",
+        help="adapt the clipping bound (from --dp-max-grad-norm on, kept between rounds) so that this share of "
+        "per-sample gradients is left unclipped, in (0, 1) (Andrew et al. 2021; default: a fixed bound)",
+    )
+    clip_learning_rate: float = setting(
+        0.2, key="dp-clip-learning-rate", help="how fast an adaptive bound moves: at most exp(rate) per step, > 0"
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -82,6 +93,8 @@ class DPSettings:
             max_grad_norm=self.max_grad_norm,
             accountant=self.accountant,
             planned_rounds=self.planned_rounds if self.planned_rounds is not None else planned_rounds,
+            clip_quantile=self.clip_quantile,
+            clip_learning_rate=self.clip_learning_rate,
         )
 
 

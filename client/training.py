@@ -23,7 +23,7 @@ from hymate.data.batches import StayDataset, make_loader
 from hymate.data.stays import StayTable
 from hymate.local_plan import LocalPlan
 from hymate.model import HyMaTE
-from hymate.privacy import PrivacyLedger, plan_round, train_private_round
+from hymate.privacy import PrivacyLedger, load_clip_bound, plan_round, save_clip_bound, train_private_round
 from hymate.train import (
     Evaluation,
     ProximalTerm,
@@ -142,7 +142,10 @@ def train_locally(
             pos_weight=pos_weight,
             proximal=proximal,
             label=f"server round {server_round}",
+            clip_bound=load_clip_bound(data.settings.state_dir) if dp.clip_quantile is not None else None,
         )
+        if dp.clip_quantile is not None:
+            save_clip_bound(data.settings.state_dir, result.clip_bound)
         train_loss, privacy = result.train_loss, result.metrics()
     else:
         loader = make_loader(dataset, config.batch_size, True, seed)

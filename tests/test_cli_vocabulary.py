@@ -46,7 +46,15 @@ def test_the_three_commands_list_the_same_names_for_shared_settings():
         "--summary-branch",
         "--head-init",
     }
-    assert dp == {"--dp-epsilon", "--dp-delta", "--dp-max-grad-norm", "--dp-accountant", "--dp-planned-rounds"}
+    assert dp == {
+        "--dp-epsilon",
+        "--dp-delta",
+        "--dp-max-grad-norm",
+        "--dp-accountant",
+        "--dp-planned-rounds",
+        "--dp-clip-quantile",
+        "--dp-clip-learning-rate",
+    }
     assert model | TRAINING | {"--rounds", "--local-epochs", "--strategy", "--strategy-option"} <= server & sim
     assert dp <= client & sim and not dp & server  # DP is the site's, never the coordinator's, to set
     assert "--config" in server & sim & client

@@ -38,6 +38,8 @@ def test_zero_is_kept_and_the_restarts_are_bounded_by_default():
         ("--dp-delta", "1", "--dp-delta 1.0: must be in \\(0, 1\\)"),
         ("--dp-max-grad-norm", "0", "--dp-max-grad-norm 0.0: must be a finite number > 0"),
         ("--dp-planned-rounds", "0", "--dp-planned-rounds 0: must be at least 1"),
+        ("--dp-clip-quantile", "1", "--dp-clip-quantile 1.0: must be in \\(0, 1\\)"),
+        ("--dp-clip-learning-rate", "-0.2", "--dp-clip-learning-rate -0.2: must be a finite number > 0"),
         ("--max-restarts", "-1", "--max-restarts -1: must be 0 or more"),
     ],
 )
@@ -96,6 +98,8 @@ def test_the_dp_settings_reach_the_node_config_and_come_back_as_dp(tmp_path):
         ("dp-planned-rounds", "0", "dp-planned-rounds=0 must be at least 1"),
         ("dp-planned-rounds", 2.5, "is not a valid int"),
         ("dp-accountant", "gdp", "dp-accountant='gdp' must be one of rdp, prv"),
+        ("dp-clip-quantile", "0", "dp-clip-quantile=0.0 must be in \\(0, 1\\)"),
+        ("dp-clip-quantile", "half", "'dp-clip-quantile'='half' is not a valid float"),
         ("epsilom", "8", "unknown keys \\['epsilom'\\]"),
     ],
 )

@@ -7,6 +7,9 @@ One job per module:
 - ``dp_sgd``: ``make_private``, Opacus's ``PrivacyEngine.make_private`` with a Poisson loader
   for our ``Batch``, noise-only steps for empty Poisson batches, and length-sorted physical
   batches (Poisson batches cannot be bucketed by length).
+- ``adaptive_clipping``: quantile-based adaptive clipping (Andrew et al. 2021): the rule, its
+  split of the noise between the gradient and the count, and the bound a site keeps between
+  rounds (the optimizer is ``dp_sgd.AdaptiveClipDPOptimizer``).
 - ``calibration``: ``DPConfig`` and ``plan_round``, the noise that spends the budget evenly
   over the planned rounds.
 - ``ledger``: ``PrivacyLedger``, the site's spend composed over every round it ever trained.
@@ -30,8 +33,15 @@ tighter bound can choose PRV explicitly.
 """
 
 from hymate.privacy import grad_samplers  # noqa: F401  (registers the grad samplers with Opacus)
+from hymate.privacy.adaptive_clipping import AdaptiveClipping, load_clip_bound, save_clip_bound
 from hymate.privacy.calibration import DPConfig, RoundPlan, calibrate_noise, plan_round, poisson_schedule
-from hymate.privacy.dp_sgd import ACCOUNTANTS, PoissonDPOptimizer, PrivateTraining, make_private
+from hymate.privacy.dp_sgd import (
+    ACCOUNTANTS,
+    AdaptiveClipDPOptimizer,
+    PoissonDPOptimizer,
+    PrivateTraining,
+    make_private,
+)
 from hymate.privacy.ledger import (
     LedgerError,
     LedgerMismatchError,
@@ -49,6 +59,8 @@ from hymate.privacy.training import (
 
 __all__ = [
     "ACCOUNTANTS",
+    "AdaptiveClipDPOptimizer",
+    "AdaptiveClipping",
     "DPConfig",
     "LedgerError",
     "LedgerMismatchError",
@@ -63,8 +75,10 @@ __all__ = [
     "calibrate_noise",
     "check_affordable",
     "compose_epsilon",
+    "load_clip_bound",
     "make_private",
     "plan_round",
     "poisson_schedule",
+    "save_clip_bound",
     "train_private_round",
 ]

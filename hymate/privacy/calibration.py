@@ -30,6 +30,9 @@ class DPConfig:
     ``max_grad_norm``: per-sample clipping bound C (noise std is ``noise_multiplier * C``).
     ``accountant``: "rdp" (default) or "prv", see ``hymate.privacy``.
     ``planned_rounds``: rounds the noise is calibrated for.
+    ``clip_quantile``: adapt the clipping bound (starting from ``max_grad_norm``) so that this
+    share of per-sample gradients stays unclipped (``hymate.privacy.adaptive_clipping``); None
+    clips at ``max_grad_norm`` throughout. ``clip_learning_rate``: how fast the bound moves.
     """
 
     target_epsilon: float
@@ -37,6 +40,8 @@ class DPConfig:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     planned_rounds: int = 1
+    clip_quantile: float | None = None
+    clip_learning_rate: float = 0.2
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.target_epsilon) and self.target_epsilon > 0):
@@ -49,6 +54,10 @@ class DPConfig:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         if self.planned_rounds < 1:
             raise ValueError(f"planned_rounds must be at least 1, got {self.planned_rounds}")
+        if self.clip_quantile is not None and not 0 < self.clip_quantile < 1:
+            raise ValueError(f"clip_quantile must be in (0, 1), got {self.clip_quantile}")
+        if not (math.isfinite(self.clip_learning_rate) and self.clip_learning_rate > 0):
+            raise ValueError(f"clip_learning_rate must be a finite number > 0, got {self.clip_learning_rate}")
 
 
 @dataclass(frozen=True)

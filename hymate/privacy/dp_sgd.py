@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader
 
 from hymate.data.batches import Batch, EncodedStay, StayDataset, collate_stays
 from hymate.privacy import grad_samplers
+from hymate.privacy.adaptive_clipping import AdaptiveClipping
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,43 @@ class PoissonDPOptimizer(DPOptimizer):
                 if extra is not None:
                     p.grad.add_(extra)
         return proceed
+
+
+class AdaptiveClipDPOptimizer(PoissonDPOptimizer):
+    """``PoissonDPOptimizer`` whose bound (``max_grad_norm``) follows quantile-based adaptive clipping.
+
+    See ``hymate.privacy.adaptive_clipping`` for the rule and its privacy. ``noise_multiplier``
+    stays the accounted sigma (the accountant's step hook reads it); only the gradient noise is
+    drawn at the raised multiplier. The count covers every chunk of a logical batch and is used
+    once, after the step's noise, so every stay of a step is clipped to the same bound.
+    """
+
+    def __init__(self, *args: Any, clipping: AdaptiveClipping, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.clipping = clipping
+        self.gradient_noise = clipping.gradient_noise_multiplier(self.noise_multiplier)
+        self.unclipped = 0  # stays of the current logical batch whose gradient is within the bound
+
+    def clip_and_accumulate(self) -> None:
+        samples = self.grad_samples
+        if len(samples[0]):  # an empty Poisson batch leaves nothing to count
+            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+            self.unclipped += int((norms <= self.max_grad_norm).sum())
+        super().clip_and_accumulate()
+
+    def add_noise(self) -> None:
+        accounted = self.noise_multiplier
+        self.noise_multiplier = self.gradient_noise
+        try:
+            super().add_noise()
+        finally:
+            self.noise_multiplier = accounted
+        device = self.generator.device if self.generator is not None else torch.device("cpu")
+        noise = torch.normal(0.0, self.clipping.count_noise_std, (1,), generator=self.generator, device=device)
+        self.max_grad_norm = self.clipping.next_bound(
+            self.max_grad_norm, self.unclipped + float(noise.item()), self.expected_batch_size
+        )
+        self.unclipped = 0
 
 
 def os_seeded_generator(device: torch.device | str = "cpu") -> torch.Generator:
@@ -223,6 +261,7 @@ def make_private(
     public_gradient: Callable[[nn.Parameter], torch.Tensor | None] | None = None,
     physical_batch_size: int | None = 16,
     secure_mode: bool = False,
+    clipping: AdaptiveClipping | None = None,
 ) -> PrivateTraining:
     """Wrap ``model``/``optimizer`` for DP-SGD on ``dataset`` with Poisson sampling.
 
@@ -233,6 +272,8 @@ def make_private(
     ``PoissonDPOptimizer``. ``physical_batch_size``: Poisson batches larger than this are
     processed as length-sorted chunks of about this many stays (None: never split; the
     update is the same either way). ``secure_mode`` is Opacus's (needs torchcsprng).
+    ``clipping``: adapt the bound from ``max_grad_norm`` on (``AdaptiveClipDPOptimizer``); None
+    clips at ``max_grad_norm`` throughout.
     """
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
@@ -268,7 +309,8 @@ def make_private(
         noise_generator=None if secure_mode else noise,
     )
     private_model.forbid_grad_accumulation()  # as make_private does for its own Poisson loaders
-    optimizer = PoissonDPOptimizer(
+    adaptive = {} if clipping is None else {"clipping": clipping}
+    optimizer = (PoissonDPOptimizer if clipping is None else AdaptiveClipDPOptimizer)(
         dp_optimizer.original_optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
@@ -278,6 +320,7 @@ def make_private(
         secure_mode=secure_mode,
         empty_batches=counter,
         public_gradient=public_gradient,
+        **adaptive,
     )
     optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     log.debug(

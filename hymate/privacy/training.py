@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hymate.data.batches import StayDataset
+from hymate.privacy.adaptive_clipping import AdaptiveClipping
 from hymate.privacy.calibration import DPConfig, RoundPlan
 from hymate.privacy.dp_sgd import make_private
 from hymate.privacy.ledger import PrivacyLedger, append_steps
@@ -50,6 +51,7 @@ class PrivateRoundResult:
     sample_rate: float
     steps: int
     rounds_trained: int
+    clip_bound: float  # the per-sample clipping bound at the end of the round (the next round's start)
 
     @property
     def train_loss(self) -> float:
@@ -65,6 +67,7 @@ class PrivateRoundResult:
             "dp-noise-multiplier": self.noise_multiplier,
             "dp-sample-rate": self.sample_rate,
             "dp-steps": float(self.steps),
+            "dp-clip-bound": self.clip_bound,
         }
 
 
@@ -97,6 +100,7 @@ def train_private_round(
     proximal: ProximalTerm | None = None,
     label: str = "",
     generator: torch.Generator | None = None,
+    clip_bound: float | None = None,
 ) -> PrivateRoundResult:
     """``plan.local_epochs`` epochs of DP-SGD on ``dataset``, within the ledger's budget.
 
@@ -106,6 +110,9 @@ def train_private_round(
     the data if the round would exceed the target. ``proximal`` (FedProx) is applied to the
     noised gradient, not through the loss. ``label`` names the round in the ledger. If
     training raises, nothing is recorded: the partly trained model must then not be released.
+    ``clip_bound``: where adaptive clipping (``config.clip_quantile``) starts, e.g. the bound the
+    site's last round ended with (default ``config.max_grad_norm``); the result's ``clip_bound``
+    is where it ended.
     """
     budget = (config.target_epsilon, config.delta, config.accountant)
     if (ledger.target_epsilon, ledger.delta, ledger.accountant) != budget:
@@ -115,6 +122,11 @@ def train_private_round(
     spent_before = ledger.epsilon_spent
     check_affordable(ledger, plan, label)
 
+    clipping = None
+    if config.clip_quantile is not None:
+        clipping = AdaptiveClipping.for_step(
+            config.clip_quantile, config.clip_learning_rate, plan.expected_batch_size, plan.noise_multiplier
+        )
     dp = make_private(
         model,
         optimizer,
@@ -122,11 +134,12 @@ def train_private_round(
         sample_rate=plan.sample_rate,
         steps_per_epoch=plan.steps_per_epoch,
         noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=config.max_grad_norm,
+        max_grad_norm=config.max_grad_norm if clip_bound is None else clip_bound,
         accountant=config.accountant,
         accountant_state=ledger.accountant_state(),
         generator=generator,
         public_gradient=_proximal_gradient(model, proximal),
+        clipping=clipping,
     )
     try:
         with warnings.catch_warnings():
@@ -159,6 +172,7 @@ def train_private_round(
         sample_rate=plan.sample_rate,
         steps=steps,
         rounds_trained=ledger.rounds_trained,
+        clip_bound=float(dp.optimizer.max_grad_norm),
     )
 
 
