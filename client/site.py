@@ -77,7 +77,9 @@ class DPSettings:
         "per-sample gradients is left unclipped, in (0, 1) (Andrew et al. 2021; default: a fixed bound)",
     )
     clip_learning_rate: float = setting(
-        0.2, key="dp-clip-learning-rate", help="how fast an adaptive bound moves: at most exp(rate) per step, > 0"
+        0.2,
+        key="dp-clip-learning-rate",
+        help="how fast an adaptive bound moves: times exp(-rate * (unclipped share - quantile)) a step, > 0",
     )
 
     def __post_init__(self) -> None:

@@ -44,7 +44,7 @@ class AdaptiveClipping:
     """The rule's settings for one site's round.
 
     ``quantile``: the share of per-sample gradients to leave unclipped, in (0, 1).
-    ``learning_rate``: eta of the geometric update (the bound changes by at most exp(eta) a step).
+    ``learning_rate``: eta of the geometric update ``C <- C * exp(-eta * (unclipped share - quantile))``.
     ``count_noise_std``: sigma_b, the noise on the unclipped count, in stays.
     """
 
