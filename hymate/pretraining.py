@@ -55,7 +55,11 @@ class PretrainConfig:
     max_events: int = setting(400, help="events of history kept per sample (the most recent)")
     forecast_hours: float = setting(2.0, help="forecast every variable over this many hours after the cut")
     val_fraction: float = setting(0.05, help="stays held out to pick the best epoch by forecast loss")
-    max_minutes: float = setting(20.0, help="stop after this much wall time; the best epoch so far is kept")
+    max_minutes: float = setting(
+        20.0,
+        help="stop after this much wall time; the best epoch so far is kept (the learning-rate schedule is "
+        "re-fitted to the pace, so a bound that could bind makes the result depend on the machine's load)",
+    )
     seed: int = setting(0)
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
 
