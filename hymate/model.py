@@ -14,6 +14,8 @@ Read top to bottom, this file is the architecture (DESIGN.md section 3):
    value and log count in the stay) go in next to them.
 6. A linear head on both vectors gives one logit (in-hospital death, sepsis, ...).
 
+Steps 1 and 5 read each value as ``value_transform`` says: its z-score, or asinh of it.
+
 Every parameter lives in an ``nn.Linear``, ``nn.LayerNorm``, ``nn.Embedding`` or
 ``nn.Conv1d``, except ``A_log``/``D`` in ``SelectiveSSM``: Opacus computes per-sample
 gradients for the former, and ``hymate.privacy`` registers a sampler for the latter. The
@@ -42,6 +44,14 @@ from hymate.ssm import ScanGradSink, causal_conv1d, selective_scan
 # few dozen noisy DP-SGD steps a small site can afford do not undo it.
 HEAD_INITS: tuple[str, ...] = ("random", "zero")
 
+# What the model reads of each z-scored value. "asinh" squashes the tails (asinh(8) = 2.8): the
+# normaliser clips z-scores at +-8, but skewed labs (urine, enzymes, lactate) and unit errors
+# (a pH of 735) still put a few values far from the ordinary ones, which then dominate the
+# first linear layers and the summaries. A fixed function of the z-score, so it needs no
+# statistic beyond the (federated) normaliser's; on PhysioNet 2012 the summary path alone went
+# from AUROC 0.852 to 0.860 with it (lineage, six seeds), as much as a log of the skewed labs.
+VALUE_TRANSFORMS: tuple[str, ...] = ("z", "asinh")
+
 
 @dataclass(frozen=True)
 class HyMaTEConfig:
@@ -61,10 +71,13 @@ class HyMaTEConfig:
     scan_backend: str = "auto"
     summary_branch: bool = False
     head_init: str = "random"
+    value_transform: str = "z"
 
     def __post_init__(self) -> None:
         if self.head_init not in HEAD_INITS:
             raise ValueError(f"unknown head_init {self.head_init!r}; valid: {', '.join(HEAD_INITS)}")
+        if self.value_transform not in VALUE_TRANSFORMS:
+            raise ValueError(f"unknown value_transform {self.value_transform!r}; valid: {', '.join(VALUE_TRANSFORMS)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_variables < 1:
@@ -91,6 +104,11 @@ class ModelOptions:
         help="the classification head's starting weights (also over an --init-from checkpoint's): random, or zero "
         "so that training alone sets the sign of each feature (for DP-SGD's few noisy steps)",
     )
+    value_transform: str = setting(
+        "z",
+        choices=VALUE_TRANSFORMS,
+        help="what the model reads of each value: its clipped z-score, or asinh of it (squashes skewed labs' tails)",
+    )
 
     def for_table(self, table: StayTable) -> HyMaTEConfig:
         return self.for_schema(len(table.variables), len(table.static_names))
@@ -108,6 +126,7 @@ class ModelOptions:
             scan_backend=self.scan_backend,
             summary_branch=self.summary_branch,
             head_init=self.head_init,
+            value_transform=self.value_transform,
         )
 
 
@@ -457,7 +476,8 @@ class HyMaTE(nn.Module):
         """The stay as one (B, 2d) vector (pooled events next to statics), with the pooling
         weights and the last attention: what the head reads, and what pre-training trains."""
         mask = batch.mask
-        x = self.embedding(batch.times, batch.variables, batch.values, mask)
+        values = torch.asinh(batch.values) if self.config.value_transform == "asinh" else batch.values
+        x = self.embedding(batch.times, batch.variables, values, mask)
         for block in self.mamba:
             x = block(x)
         # A stay with no events attends everywhere (its output is discarded by the pooling),
@@ -467,7 +487,7 @@ class HyMaTE(nn.Module):
         for block in self.attention:
             x, attention = block(x, attend, need_attention)
         pooled, weights = self.pooling(self.norm(x), mask)
-        summaries = self.summaries(batch.variables, batch.values, mask) if self.summaries is not None else None
+        summaries = self.summaries(batch.variables, values, mask) if self.summaries is not None else None
         return torch.cat([pooled, self.static(batch.static, batch.static_mask, summaries)], dim=-1), weights, attention
 
     @torch.no_grad()

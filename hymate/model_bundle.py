@@ -112,6 +112,11 @@ def initial_weights(
         shape = " ".join(f"{flag} {getattr(bundle.config, f)}" for f, flag in SHAPE_FIELDS.items())
         asked = ", ".join(f"{SHAPE_FIELDS[f]} {getattr(wanted, f)}" for f in differs)
         raise ValueError(f"--init-from {path}: the checkpoint's model is {shape}; this run asks for {asked}")
+    if bundle.config.value_transform != wanted.value_transform:
+        raise ValueError(
+            f"--init-from {path}: the checkpoint's model reads values as --value-transform "
+            f"{bundle.config.value_transform}; this run asks for {wanted.value_transform}: repeat the checkpoint's"
+        )
     if wanted.head_init == "zero":
         zero_head(bundle.state_dict)  # the bundle was loaded here for this call alone
     return bundle.state_dict

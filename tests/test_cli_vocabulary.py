@@ -45,6 +45,7 @@ def test_the_three_commands_list_the_same_names_for_shared_settings():
         "--scan-backend",
         "--summary-branch",
         "--head-init",
+        "--value-transform",
     }
     assert dp == {
         "--dp-epsilon",
@@ -63,16 +64,23 @@ def test_the_three_commands_list_the_same_names_for_shared_settings():
 
 def test_server_and_sim_take_the_same_model_options():
     argv = ["--heads", "2", "--d-state", "8", "--mamba-layers", "3", "--scan-backend", "torch", "--summary-branch"]
-    argv += ["--head-init", "zero"]
+    argv += ["--head-init", "zero", "--value-transform", "asinh"]
     sim = sim_cli.build_parser().parse_args(argv)
     server = server_cli.build_parser().parse_args(["--run-dir", "r", *argv])
     expected = ModelOptions(
-        n_heads=2, d_state=8, n_mamba_layers=3, scan_backend="torch", summary_branch=True, head_init="zero"
+        n_heads=2,
+        d_state=8,
+        n_mamba_layers=3,
+        scan_backend="torch",
+        summary_branch=True,
+        head_init="zero",
+        value_transform="asinh",
     )
     assert sim_cli.spec_from_args(sim).model == expected
     config = server_cli.run_config(server)
     assert (config["heads"], config["d-state"], config["mamba-layers"], config["scan-backend"]) == (2, 8, 3, "torch")
     assert config["summary-branch"] is True and config["head-init"] == "zero"
+    assert config["value-transform"] == "asinh"
 
 
 def test_lr_still_works_on_hymate_sim_and_warns_once(capsys):

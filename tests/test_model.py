@@ -156,6 +156,32 @@ def test_the_summary_branch_ignores_padding_and_reads_the_events(backend):
         torch.testing.assert_close(model(changed)[[0, 2, 3]], cut[[0, 2, 3]])
 
 
+@pytest.mark.parametrize("summary_branch", [False, True])
+def test_asinh_values_are_the_z_model_fed_asinh_of_the_z_scores(summary_branch):
+    """Both the event embedding and the summaries read the transformed values, and only them."""
+    squashed = small_model(summary_branch=summary_branch, value_transform="asinh")
+    plain = small_model(summary_branch=summary_branch)
+    plain.load_state_dict(squashed.state_dict())
+    batch = random_batch([5, 12, 1, 9])
+    batch = Batch(
+        batch.times, batch.variables, batch.values * 6, batch.mask, batch.static, batch.static_mask, batch.label
+    )
+    fed = Batch(
+        batch.times,
+        batch.variables,
+        torch.asinh(batch.values),
+        batch.mask,
+        batch.static,
+        batch.static_mask,
+        batch.label,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(squashed(batch), plain(fed))
+        assert not torch.allclose(squashed(batch), plain(batch), atol=1e-3)
+    with pytest.raises(ValueError, match="value_transform 'log'"):
+        HyMaTEConfig(n_variables=7, n_static=3, value_transform="log")
+
+
 def test_a_zero_head_predicts_one_value_for_every_stay_until_it_trains():
     config = HyMaTEConfig(n_variables=7, n_static=3, d_model=16, n_heads=2, head_init="zero")
     torch.manual_seed(0)

@@ -100,6 +100,10 @@ def test_initial_weights_check_vocabulary_and_shape(tmp_path):
         initial_weights(tmp_path / "model.pt", replace(TINY, d_model=16), table.variables, table.static_names)
     with pytest.raises(ValueError, match="--vocabulary shared"):
         initial_weights(tmp_path / "model.pt", TINY, ("HR", "Temp"), table.static_names)
+    with pytest.raises(ValueError, match="--value-transform z; this run asks for asinh"):
+        initial_weights(
+            tmp_path / "model.pt", replace(TINY, value_transform="asinh"), table.variables, table.static_names
+        )
     with pytest.raises(ValueError, match="cannot read the model file"):
         initial_weights(tmp_path / "missing.pt", TINY, table.variables, table.static_names)
 

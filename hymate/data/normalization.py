@@ -8,9 +8,10 @@ numpy arrays (and can be DP-noised first). The merged sums give a :class:`Normal
 Statistics are taken on raw values, as measured. Many lab values are skewed (Urine, ALT,
 Lactate), so a few extreme values get large z-scores; rather than choosing a per-variable
 transform, z-scores are clipped to +-``clip`` (default 8), which keeps wild outliers and unit
-errors from dominating while leaving ordinary values untouched. Std is the population std
-(ddof 0), floored at ``min_std`` so a constant variable (PhysioNet 2012's MechVent is
-always 1) maps to 0 instead of dividing by zero. A variable or static feature nobody
+errors from dominating while leaving ordinary values untouched (the model can squash what is
+left with ``--value-transform asinh``, a fixed function of the z-score, so these sums stay all
+a federation exchanges). Std is the population std (ddof 0), floored at ``min_std`` so a
+constant variable (PhysioNet 2012's MechVent is always 1) maps to 0 instead of dividing by zero. A variable or static feature nobody
 observed gets mean 0 and std 1.
 """
 
