@@ -169,8 +169,8 @@ def run_baselines(
 
 
 def hymate_name(options: ModelOptions, config: TrainConfig) -> str:
-    """The model's row name: the summary branch, the value transform and the fitting options that change what is
-    trained on or kept, so that variants written to one OUT folder stay apart."""
+    """The model's row name: the summary branch, the value transform and the fitting options that
+    change what is trained on or kept, so that variants written to one OUT folder stay apart."""
     name = "HyMaTE+summaries" if options.summary_branch else "HyMaTE"
     if options.value_transform != "z":
         name += f"+{options.value_transform}"

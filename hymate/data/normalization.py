@@ -11,8 +11,8 @@ transform, z-scores are clipped to +-``clip`` (default 8), which keeps wild outl
 errors from dominating while leaving ordinary values untouched (the model can squash what is
 left with ``--value-transform asinh``, a fixed function of the z-score, so these sums stay all
 a federation exchanges). Std is the population std (ddof 0), floored at ``min_std`` so a
-constant variable (PhysioNet 2012's MechVent is always 1) maps to 0 instead of dividing by zero. A variable or static feature nobody
-observed gets mean 0 and std 1.
+constant variable (PhysioNet 2012's MechVent is always 1) maps to 0 instead of dividing by
+zero. A variable or static feature nobody observed gets mean 0 and std 1.
 """
 
 from __future__ import annotations
