@@ -19,7 +19,7 @@ import torch
 
 from hymate.data.normalization import Normalizer
 from hymate.files import atomic_write_bytes
-from hymate.model import HyMaTE, HyMaTEConfig, ModelOptions, zero_head
+from hymate.model import HyMaTE, HyMaTEConfig, ModelOptions, StaySummaries, zero_head
 from hymate.settings_fields import setting
 
 # The architecture fields a checkpoint's weights fix (dropout and the scan kernel are free).
@@ -93,7 +93,9 @@ def initial_weights(
 
     ValueError, naming what differs and what to pass, when the checkpoint's vocabulary, static
     features or shape do not match (a shared-vocabulary checkpoint needs ``--vocabulary shared``
-    data; the shape flags must repeat the checkpoint's).
+    data; the shape flags must repeat the checkpoint's). A checkpoint without the summary
+    branch starts a model with it (``widen_for_summaries``); the reverse would drop trained
+    weights and is refused.
     """
     try:
         bundle = ModelBundle.load(Path(path))
@@ -117,6 +119,25 @@ def initial_weights(
             f"--init-from {path}: the checkpoint's model reads values as --value-transform "
             f"{bundle.config.value_transform}; this run asks for {wanted.value_transform}: repeat the checkpoint's"
         )
+    if bundle.config.summary_branch != wanted.summary_branch:
+        if bundle.config.summary_branch:
+            raise ValueError(
+                f"--init-from {path}: the checkpoint's model reads the per-stay summaries (--summary-branch); "
+                "this run does not: repeat --summary-branch"
+            )
+        widen_for_summaries(bundle.state_dict, StaySummaries.n_summaries * wanted.n_variables)
     if wanted.head_init == "zero":
         zero_head(bundle.state_dict)  # the bundle was loaded here for this call alone
     return bundle.state_dict
+
+
+def widen_for_summaries(state: dict[str, torch.Tensor], n_summaries: int) -> None:
+    """Give the static encoder of ``state`` (a model without the summary branch) zero-weight
+    columns for ``n_summaries`` summary inputs, in place.
+
+    Why zero: the widened model computes exactly what the checkpoint computed, so a pre-trained
+    encoder (``hymate-pretrain`` has no summary branch: it forecasts from the sequence) starts
+    the fine-tuning as it was, and the summaries enter as the gradient finds them useful.
+    """
+    inner = state["static.inner.weight"]
+    state["static.inner.weight"] = torch.cat([inner, inner.new_zeros(inner.shape[0], n_summaries)], dim=1)

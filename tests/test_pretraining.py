@@ -120,6 +120,25 @@ def test_head_init_zero_starts_a_checkpoints_encoder_with_a_zero_head(tmp_path):
     assert model.state_dict()["head.weight"].any()  # the checkpoint's own head is left as it was
 
 
+def test_a_checkpoint_without_summaries_starts_a_summary_branch_model_as_it_was(tmp_path):
+    table = synthetic(20)
+    model = HyMaTE(TINY.for_table(table)).eval()
+    normalizer = MomentSums.from_table(table).to_normalizer()
+    ModelBundle(TINY.for_table(table), model.state_dict(), normalizer, table.variables, table.static_names).save(
+        tmp_path / "model.pt"
+    )
+    with_summaries = replace(TINY, summary_branch=True)
+    widened = HyMaTE(with_summaries.for_table(table)).eval()
+    widened.load_state_dict(initial_weights(tmp_path / "model.pt", with_summaries, table.variables, table.static_names))
+    batch = collate_stays([StayDataset(table, normalizer, 64)[i] for i in range(6)])
+    assert widened.summaries(batch.variables, batch.values, batch.mask).abs().sum() > 0  # they are read...
+    torch.testing.assert_close(widened(batch), model(batch))  # ...by zero weights: the checkpoint's function
+    ModelBundle(with_summaries.for_table(table), widened.state_dict(), normalizer, table.variables,
+                table.static_names).save(tmp_path / "summaries.pt")  # fmt: skip
+    with pytest.raises(ValueError, match="reads the per-stay summaries .*repeat --summary-branch"):
+        initial_weights(tmp_path / "summaries.pt", TINY, table.variables, table.static_names)
+
+
 def _gradients(model: HyMaTE, table, part: str) -> dict[str, bool]:
     optimizer = make_optimizer(model, TrainConfig(freeze=part))
     normalizer = MomentSums.from_table(table).to_normalizer()
