@@ -17,17 +17,21 @@ the refusal are the sites' own, unchanged: a lever can only change how the budge
         --lever "--optimizer sgd --momentum 0.9 --learning-rate 0.5" --lever "--batch-size 512 --rounds 20"
 
 ``--no-plain`` skips the non-DP run (ratios then need ``--plain-auroc``, a non-DP AUROC
-measured on the same stays, e.g. by bench/fed_p12.py).
+measured on the same stays, e.g. by bench/fed_p12.py). ``--predictions DIR`` writes each row's
+pooled test predictions as it finishes (``DIR/<row>.npz``: labels and probabilities, in the
+fixed order of the split seed), so rows of separate invocations can be paired afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     own.add_argument("--no-plain", action="store_true")
     own.add_argument("--no-dp-base", action="store_true", help="run only the levers, not DP at the base flags")
     own.add_argument("--plain-auroc", type=float)
+    own.add_argument("--predictions", type=Path, help="write each row's pooled test predictions here")
     args, base = own.parse_known_args(argv)
     parser = build_parser()
     root = Path(tempfile.mkdtemp(prefix="hymate-bench-dp-utility-"))
@@ -65,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         noise = "" if spec.privacy is None else f"planned rounds {spec.privacy.planned_rounds or spec.rounds}"
         paired = {} if reference is None else paired_scores([run.pooled], [reference], "first row", spec.bootstrap)
         reference = reference or run.pooled
+        if args.predictions:
+            args.predictions.mkdir(parents=True, exist_ok=True)
+            name = re.sub(r"[^A-Za-z0-9.]+", "_", f"{label} seed{spec.seeds[0]}").strip("_")
+            np.savez(args.predictions / f"{name}.npz", labels=run.pooled.labels, probs=run.pooled.probs)
         table[label] = {"plan": plan_text(spec), "dp": noise} | run.scores | paired | {"wall s": round(run.seconds)}
         print(f"{label}: {table[label]}", flush=True)
 
