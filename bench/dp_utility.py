@@ -18,23 +18,23 @@ the refusal are the sites' own, unchanged: a lever can only change how the budge
 
 ``--no-plain`` skips the non-DP run (ratios then need ``--plain-auroc``, a non-DP AUROC
 measured on the same stays, e.g. by bench/fed_p12.py). ``--predictions DIR`` writes each row's
-pooled test predictions as it finishes (``DIR/<row>.npz``: labels and probabilities, in the
-fixed order of the split seed), so rows of separate invocations can be paired afterwards.
+pooled test predictions as it finishes (``DIR/<row>_seed<N>.npz``: labels and probabilities, in
+the fixed order of the split seed), so that rows of separate invocations pair afterwards with
+``bench/pair_predictions.py`` (a DP row is a new noise draw every run: read a lever over seeds).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pair_predictions import save_predictions  # noqa: E402
 from variants import paired_scores, plan_text, run_protocol, variant_spec  # noqa: E402
 
 from simulation.cli import build_parser  # noqa: E402
@@ -71,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         paired = {} if reference is None else paired_scores([run.pooled], [reference], "first row", spec.bootstrap)
         reference = reference or run.pooled
         if args.predictions:
-            args.predictions.mkdir(parents=True, exist_ok=True)
-            name = re.sub(r"[^A-Za-z0-9.]+", "_", f"{label} seed{spec.seeds[0]}").strip("_")
-            np.savez(args.predictions / f"{name}.npz", labels=run.pooled.labels, probs=run.pooled.probs)
+            save_predictions(args.predictions, label, spec.seeds[0], run.pooled)
         table[label] = {"plan": plan_text(spec), "dp": noise} | run.scores | paired | {"wall s": round(run.seconds)}
         print(f"{label}: {table[label]}", flush=True)
 

@@ -56,3 +56,50 @@ def test_fitting_variants_written_to_one_folder_keep_apart_names():
         "HyMaTE+summaries+trainval+ema0.998",
         "HyMaTE",
     }
+
+
+def _saved_rows(folder: Path, row: str, signal: float, seeds: range, labels: np.ndarray) -> None:
+    from pair_predictions import save_predictions
+
+    for seed in seeds:
+        save_predictions(folder, row, seed, _predictions(labels, seed, signal))
+
+
+def test_saved_predictions_pair_by_seed_with_the_stronger_model_ahead_on_every_line(tmp_path, capsys):
+    from pair_predictions import main
+
+    labels = (np.arange(400) % 5 == 0).astype(float)
+    _saved_rows(tmp_path, "DP --summary-branch", 3.0, range(3), labels)
+    _saved_rows(tmp_path, "DP", 0.5, range(1, 4), labels)  # seed 3 has no partner: left out
+
+    assert (
+        main([str(tmp_path / "DP_summary_branch_seed*.npz"), str(tmp_path / "DP_seed*.npz"), "--bootstrap", "100"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("seeds [1, 2] (400 test stays)")
+    per_seed = [line for line in out.splitlines() if line.strip().startswith("seed ") and "AUROC" in line]
+    assert len(per_seed) == 2
+    for line in per_seed:
+        low = float(line.split("[")[1].split(",")[0])
+        assert low > 0, line  # the paired interval of the stronger model excludes zero
+    summary = next(line for line in out.splitlines() if "AUROC A-B seed-averaged" in line)
+    assert float(summary.split("[")[1].split(",")[0]) > 0
+    ratio = next(line for line in out.splitlines() if "AUROC A/B over the seeds" in line)
+    assert float(ratio.split(":")[1].split("±")[0]) > 1
+
+
+def test_saved_predictions_of_other_stays_or_no_common_seed_are_refused_by_name(tmp_path, capsys):
+    from pair_predictions import main
+
+    labels = (np.arange(100) % 4 == 0).astype(float)
+    _saved_rows(tmp_path / "a", "DP", 1.0, range(2), labels)
+    _saved_rows(tmp_path / "b", "DP", 1.0, range(2), labels[::-1])
+    _saved_rows(tmp_path / "c", "DP", 1.0, range(5, 6), labels)
+    a = str(tmp_path / "a" / "*.npz")
+
+    assert main([a, str(tmp_path / "b" / "*.npz")]) == 2
+    assert "seed 0: A and B were not scored on the same test stays" in capsys.readouterr().err
+    assert main([a, str(tmp_path / "c" / "*.npz")]) == 2
+    assert "no seed in common: A has [0, 1], B has [5]" in capsys.readouterr().err
+    assert main([a, str(tmp_path / "missing" / "*.npz")]) == 2
+    assert "no prediction files match" in capsys.readouterr().err
