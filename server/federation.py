@@ -48,7 +48,7 @@ from server.events import EventLog
 from server.exchange import send_and_receive
 from server.federation_facts import FederationFacts
 from server.model_card import metrics_table, model_card, render_markdown
-from server.round_selection import kept_round
+from server.round_selection import average_weights, kept_round, with_averaged_rounds
 from server.run_dir import RoundCheckpoint, RunDirectory, restore_strategy_state, strategy_state
 from server.screening import DropoutReports, Rejection, Screened, screen_replies
 from server.secure_aggregation import SecureAggregationFailed, SecureAggregator
@@ -220,15 +220,35 @@ class Federation:
         """The kept round's model (``keep-round``), then its card (which holds the model's SHA-256)
         and every round's metrics."""
         history = self.run_dir.history()
-        kept = kept_round(history, self.settings.selection.keep_round)
+        selection = self.settings.selection
+        kept = with_averaged_rounds(history, kept_round(history, selection.keep_round), selection.average_rounds)
         weights = last_weights
         if kept.round != history[-1]["round"]:
             log.info("keeping round %d of %d (%s)", kept.round, history[-1]["round"], kept.rule)
             weights = self.run_dir.read_round(kept.round).weights
+        final_evaluation = None  # the kept round's own evaluation
+        if kept.averaged_rounds:
+            log.info("averaging the models of rounds %s", ", ".join(map(str, kept.averaged_rounds)))
+            weights = average_weights([self.run_dir.read_round(r).weights for r in kept.averaged_rounds])
+            final_evaluation = self.evaluate_averaged_model(facts, weights)
         model_file = self.run_dir.save_model(self.bundle(facts, weights))
-        card = model_card(history, self.settings, facts, model_file, kept, self.run_id)
+        card = model_card(history, self.settings, facts, model_file, kept, self.run_id, final_evaluation)
         self.run_dir.write_model_card(card, render_markdown(card, model_file.name), metrics_table(history))
         return card
+
+    def evaluate_averaged_model(self, facts: FederationFacts, weights: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The sites' evaluation of the averaged model, which no round sent them, in a last
+        message (as a round's evaluation: screened, its rejections on the card)."""
+        s = self.settings
+        self.wait_for_sites(s.sites_to_wait_for)
+        plan = s.plan(facts.build_normalizer(), facts.positive_class_weight()).to_record()
+        plan |= {"learning_rate": s.learning_rate_at(s.rounds)}
+        evaluated, rejected = self._evaluate(s.rounds, weights, plan)
+        return {
+            "evaluate": weighted_means(r.message for r in evaluated.accepted),
+            "sites": {"evaluate": per_site(evaluated.accepted)},
+            "rejected": [asdict(r) for r in rejected],
+        }
 
     def wait_for_sites(self, minimum: int, names: Sequence[str] = ()) -> list[int]:
         """Admitted node ids once at least ``minimum`` sites, and every site in ``names``, are
@@ -372,18 +392,8 @@ class Federation:
             raise FederationError(f"round {server_round}: strategy {s.strategy.name} produced no model")
         new_weights = weights_from(new_arrays, weights)
 
-        # The sites evaluate the model as it will travel and be saved (weights_from's dtype).
-        new_arrays = weights_record(new_weights)
-        messages = list(self.strategy.configure_evaluate(server_round, new_arrays, ConfigRecord(plan), self.grid))
-        replies = send_and_receive(self.grid, messages, s.round_timeout)
-        evaluated = screen_replies(messages, replies, "evaluate", None, self.identities, s.round_timeout)
-        rejected += self._report(server_round, "evaluate", evaluated)
-        if evaluated.accepted:
-            try:
-                self.strategy.aggregate_evaluate(server_round, [r.message for r in evaluated.accepted])
-            except InconsistentMessageReplies as e:  # sites report different metrics (say, an older client)
-                log.warning("round %d: %s did not aggregate evaluation: %s", server_round, s.strategy.name, e)
-
+        evaluated, rejected_in_evaluation = self._evaluate(server_round, new_weights, plan)
+        rejected += rejected_in_evaluation
         metrics = {
             "round": server_round,
             "train": weighted_means(r.message for r in trained.accepted),
@@ -413,6 +423,25 @@ class Federation:
             metrics["evaluate"],
         )
         return new_weights
+
+    def _evaluate(
+        self, server_round: int, weights: dict[str, np.ndarray], plan: dict[str, Any]
+    ) -> tuple[Screened, list[Rejection]]:
+        """The sites' evaluation of ``weights``, as they will travel and be saved (weights_from's
+        dtype), screened and reported."""
+        arrays = weights_record(weights)
+        messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(plan), self.grid))
+        replies = send_and_receive(self.grid, messages, self.settings.round_timeout)
+        evaluated = screen_replies(messages, replies, "evaluate", None, self.identities, self.settings.round_timeout)
+        rejected = self._report(server_round, "evaluate", evaluated)
+        if evaluated.accepted:
+            try:
+                self.strategy.aggregate_evaluate(server_round, [r.message for r in evaluated.accepted])
+            except InconsistentMessageReplies as e:  # sites report different metrics (say, an older client)
+                log.warning(
+                    "round %d: %s did not aggregate evaluation: %s", server_round, self.settings.strategy.name, e
+                )
+        return evaluated, rejected
 
     def _train(
         self, server_round: int, global_arrays: ArrayRecord, messages: list[Message]

@@ -40,11 +40,13 @@ class ModelCardSummary:
     #: The round whose model the run saved, and the rule that chose it (``keep-round``).
     kept_round: int
     kept_rule: str
+    #: The rounds whose models the saved one is the mean of (``average-rounds``); empty: the kept round's.
+    averaged_rounds: tuple[int, ...]
     #: The latest epsilon each DP site reported; sites without DP are absent.
     privacy_spent_epsilon: dict[str, float]
-    #: The kept round's evaluation at each site: metric name -> value (NaN where undefined).
+    #: The saved model's evaluation at each site: metric name -> value (NaN where undefined).
     final_per_site: dict[str, dict[str, float]]
-    #: The kept round's evaluation, weighted by each site's test stays.
+    #: The saved model's evaluation, weighted by each site's test stays.
     final_weighted_mean: dict[str, float]
 
     @classmethod
@@ -56,6 +58,7 @@ class ModelCardSummary:
             rounds_completed=int(training["rounds_completed"]),
             kept_round=int(kept["round"]),
             kept_rule=str(kept["rule"]),
+            averaged_rounds=tuple(int(r) for r in kept.get("averaged_rounds", [])),
             privacy_spent_epsilon={site: float(eps) for site, eps in card["privacy_spent_epsilon"].items()},
             final_per_site={site: _floats(metrics) for site, metrics in final["per_site"].items()},
             final_weighted_mean=_floats(final["weighted_mean"]),
@@ -154,10 +157,12 @@ def model_card(
     model_path: Path,
     kept: KeptRound,
     run_id: int = 0,
+    averaged_evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The card of the run whose rounds are ``history`` and whose saved model, ``model_path``, is
-    round ``kept``'s."""
-    final = next(entry for entry in history if entry["round"] == kept.round)
+    round ``kept``'s, or the mean of ``kept.averaged_rounds``' models, which the sites evaluated
+    in ``averaged_evaluation`` (its ``evaluate``, ``sites`` and ``rejected``, as a round's)."""
+    final = averaged_evaluation or next(entry for entry in history if entry["round"] == kept.round)
     secure = settings.secure_aggregation
     return {
         "model": "HyMaTE (hybrid Mamba + Transformer) for binary outcomes from ICU stays",
@@ -209,14 +214,29 @@ def model_card(
         "data_provenance": facts.sites,
         "final_evaluation": {
             "round": kept.round,
+            "averaged_rounds": list(kept.averaged_rounds),
             "weighted_mean": final[EVALUATE],
             "per_site": final["sites"][EVALUATE],
             "per_site_95ci": {site: site_intervals(m) for site, m in sorted(final["sites"][EVALUATE].items())},
         },
         "privacy_spent_epsilon": privacy_spent(history),
-        "rejected_replies": facts.query_rejections + [r for entry in history for r in entry["rejected"]],
+        "rejected_replies": facts.query_rejections
+        + [r for entry in history for r in entry["rejected"]]
+        + (averaged_evaluation or {}).get("rejected", []),
         "refused_nodes": refused_nodes(history),
     }
+
+
+def _averaged_text(kept: dict[str, Any]) -> str:
+    rounds = kept.get("averaged_rounds") or []
+    return f", the mean of the models of rounds {', '.join(map(str, rounds))}" if rounds else ""
+
+
+def _final_model_text(final: dict[str, Any]) -> str:
+    rounds = final.get("averaged_rounds") or []
+    if rounds:
+        return f"the model saved: the mean of rounds {', '.join(map(str, rounds))}"
+    return f"the kept round {final['round']}"
 
 
 def initialisation_record(init_from: str) -> dict[str, str] | None:
@@ -244,7 +264,7 @@ def render_markdown(card: dict[str, Any], model_file: str) -> str:
         f"{t['local_epochs']} local epoch(s) per round, batch size {t['batch_size']}, learning rate {t['learning_rate']} ({t['lr_schedule']}), "
         f"{_optimizer_text(t)}, "
         f"seed {t['seed']}, at least {t['min_clients']} sites per round.",
-        f"Kept: round {t['kept_round']['round']} ({t['kept_round']['rule']}).",
+        f"Kept: round {t['kept_round']['round']} ({t['kept_round']['rule']}){_averaged_text(t['kept_round'])}.",
         f"Model: {', '.join(f'{k} {v}' for k, v in t['model'].items())}.",
         _secure_aggregation_line(t["secure_aggregation"]),
         (
@@ -269,7 +289,7 @@ def render_markdown(card: dict[str, Any], model_file: str) -> str:
         )
     lines += [
         "",
-        f"## Final evaluation (the kept round {card['final_evaluation']['round']}, each site's own test stays, 95 % intervals)",
+        f"## Final evaluation ({_final_model_text(card['final_evaluation'])}, each site's own test stays, 95 % intervals)",
         "",
         "| site | n | AUROC | AUPRC | loss |",
         "|---|---|---|---|---|",

@@ -14,6 +14,14 @@ progress, and ``best`` can stop at a noisy early peak. The weighted mean of the 
 the loss over every validation stay of the federation (exactly so when the sites share one class
 weight), a sum of per-stay terms that a few stays cannot swing.
 
+``average-rounds K`` ends with the mean of the global models of the K completed rounds that end at
+the kept round (Polyak-Ruppert tail averaging). Under DP every round's global model carries its
+sites' fresh noise; the mean of the last K cancels much of it while the signal, which moves
+slowly at the end of a plan, stays (the README measures it on PhysioNet 2012's ICU types at
+epsilon 8). It only post-processes models the coordinator already holds, so it spends no privacy
+budget. The sites evaluate the averaged model in a last message, so that the card's final
+evaluation is of the model saved.
+
 A site could misreport its validation metrics to sway the choice among the run's rounds, as it
 can misreport its test metrics; screening (``server.screening``) only bounds them (ranks to
 [0, 1], losses to >= 0).
@@ -21,12 +29,15 @@ can misreport its test metrics; screening (``server.screening``) only bounds the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from hymate.settings_fields import check_choices, setting
+import numpy as np
+
+from hymate.settings_fields import RunConfigError, check_choices, setting
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +59,16 @@ class RoundSelection:
         "the lowest mean validation loss, steadier where the sites' validation stays hold few positives",
     )
 
+    average_rounds: int = setting(
+        1,
+        help="end with the mean of the global models of this many completed rounds, ending at the kept round "
+        "(1: the kept round's alone); under DP it averages the rounds' noise away at no privacy cost",
+    )
+
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.average_rounds < 1:
+            raise RunConfigError(f"average-rounds must be at least 1, got {self.average_rounds}")
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,7 @@ class KeptRound:
     rule: str
     validation_score: float | None  # mean validation AUROC + AUPRC of that round, if reported
     validation_loss: float | None = None  # mean validation loss of that round, if reported
+    averaged_rounds: tuple[int, ...] = ()  # the rounds whose models were averaged (average-rounds > 1)
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -67,6 +87,7 @@ class KeptRound:
             "rule": self.rule,
             "validation_auroc_plus_auprc": self.validation_score,
             "validation_loss": self.validation_loss,
+            "averaged_rounds": list(self.averaged_rounds),
         }
 
 
@@ -119,3 +140,24 @@ def kept_round(history: list[dict[str, Any]], rule: str) -> KeptRound:
         return kept(last, "last (no site reported validation metrics)")
     _, best = max(rated, key=lambda pair: (pair[0], -pair[1]["round"]))  # ties: the earlier round
     return kept(best, why)
+
+
+def with_averaged_rounds(history: list[dict[str, Any]], kept: KeptRound, count: int) -> KeptRound:
+    """``kept`` with the rounds ``average-rounds count`` averages: the last ``count`` completed
+    rounds up to the kept one (fewer where fewer completed). Failed rounds left the model as it
+    was, so they do not count; with one round there is nothing to average."""
+    completed = [e["round"] for e in history if "failed" not in e and e["round"] <= kept.round]
+    window = tuple(completed[-count:])
+    return dataclasses.replace(kept, averaged_rounds=window if len(window) > 1 else ())
+
+
+def average_weights(rounds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The element-wise mean of several rounds' global models, in each array's own dtype (integer
+    arrays, such as counters, are the last round's)."""
+    last = rounds[-1]
+    return {
+        name: np.mean([r[name] for r in rounds], axis=0, dtype=np.float64).astype(value.dtype)
+        if np.issubdtype(value.dtype, np.floating)
+        else value
+        for name, value in last.items()
+    }

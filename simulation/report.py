@@ -75,16 +75,23 @@ def privacy_frame(runs: dict[str, Path]) -> pd.DataFrame:
 
 
 def kept_rounds_frame(runs: dict[str, Path]) -> pd.DataFrame:
-    """Which round's model each finished federated run kept (``--keep-round``), and why."""
+    """Which round's model each finished federated run kept (``--keep-round``), and why, and the
+    rounds whose mean it saved instead (``--average-rounds``)."""
     rows = []
     for label, path in runs.items():
         run = RunDirectory(path)
         if run.is_finished():
             card = run.model_card()
             rows.append(
-                {"run": label, "kept round": card.kept_round, "of": card.rounds_completed, "rule": card.kept_rule}
+                {
+                    "run": label,
+                    "kept round": card.kept_round,
+                    "of": card.rounds_completed,
+                    "rule": card.kept_rule,
+                    "averaged rounds": ", ".join(map(str, card.averaged_rounds)) or "-",
+                }
             )
-    return pd.DataFrame(rows, columns=["run", "kept round", "of", "rule"])
+    return pd.DataFrame(rows, columns=["run", "kept round", "of", "rule", "averaged rounds"])
 
 
 def plot_curves(curves: pd.DataFrame, path: Path) -> bool:

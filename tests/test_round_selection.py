@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 
 from hymate.settings_fields import RunConfigError, run_config_of
-from server.round_selection import KeptRound, RoundSelection, kept_round, validation_loss, validation_score
+from server.federation import weights_from
+from server.round_selection import (
+    KeptRound,
+    RoundSelection,
+    average_weights,
+    kept_round,
+    validation_loss,
+    validation_score,
+    with_averaged_rounds,
+)
 from server.run_dir import RunDirectory
 from simulation.cli import build_parser, spec_from_args
 from tests.fake_grid import FakeGrid, FakeSite
@@ -101,6 +110,7 @@ def test_the_coordinator_saves_the_kept_rounds_model_and_says_which(tmp_path):
         "rule": "best validation AUROC + AUPRC",
         "validation_auroc_plus_auprc": pytest.approx(1.2),
         "validation_loss": None,  # these sites report none
+        "averaged_rounds": [],
     }
     assert card["final_evaluation"]["round"] == 2
     assert round_metrics(s, 2)["evaluate"]["val-auroc"] == pytest.approx(0.9)
@@ -121,6 +131,7 @@ def test_the_coordinator_keeps_the_lowest_validation_loss_round_under_best_loss(
         "rule": "lowest validation loss",
         "validation_auroc_plus_auprc": pytest.approx(0.9),
         "validation_loss": pytest.approx(0.4),
+        "averaged_rounds": [],
     }
     saved = RunDirectory(s.run_dir).load_model().state_dict
     second = RunDirectory(s.run_dir).read_round(2).weights
@@ -160,4 +171,60 @@ def test_a_site_claiming_a_negative_validation_loss_is_rejected(tmp_path):
 def test_hymate_sim_passes_keep_round_to_its_federation():
     args = build_parser().parse_args(["--keep-round", "best", "--out", "unused-out"])
     spec = spec_from_args(args)
-    assert run_config_of(spec.selection) == {"keep-round": "best"}
+    assert run_config_of(spec.selection) == {"keep-round": "best", "average-rounds": 1}
+    args = build_parser().parse_args(["--average-rounds", "5", "--out", "unused-out"])
+    assert run_config_of(spec_from_args(args).selection) == {"keep-round": "last", "average-rounds": 5}
+
+
+def test_averaging_takes_the_completed_rounds_up_to_the_kept_one():
+    history = [entry(1, val(0.6)), entry(2, val(0.9)), entry(3, val(0.7), failed=True), entry(4, val(0.8))]
+    last = kept_round(history, "last")
+    assert with_averaged_rounds(history, last, 3).averaged_rounds == (1, 2, 4)  # the failed round changed nothing
+    assert with_averaged_rounds(history, last, 10).averaged_rounds == (1, 2, 4)  # fewer completed: all of them
+    assert with_averaged_rounds(history, kept_round(history, "best"), 3).averaged_rounds == (1, 2)
+    assert with_averaged_rounds(history, last, 1).averaged_rounds == ()  # one round: nothing to average
+    assert (
+        with_averaged_rounds([entry(1, failed=True)], kept_round([entry(1, failed=True)], "last"), 3).averaged_rounds
+        == ()
+    )
+
+
+def test_average_weights_is_the_elementwise_mean_in_each_arrays_own_dtype():
+    rounds = [
+        {"w": np.array([1.0, 2.0], dtype=np.float32), "steps": np.array(3)},
+        {"w": np.array([3.0, 6.0], dtype=np.float32), "steps": np.array(4)},
+    ]
+    mean = average_weights(rounds)
+    assert mean["w"].dtype == np.float32 and np.array_equal(mean["w"], [2.0, 4.0])
+    assert mean["steps"] == 4  # an integer array is the last round's
+
+
+def test_average_rounds_below_one_is_refused_naming_the_key():
+    with pytest.raises(RunConfigError, match="average-rounds must be at least 1, got 0"):
+        RoundSelection(average_rounds=0)
+
+
+def test_the_coordinator_saves_the_mean_of_the_last_rounds_and_has_the_sites_evaluate_it(tmp_path):
+    sites = [FakeSite(1, "h-1", step=0.25), FakeSite(2, "h-2", step=0.25)]
+    s = settings(tmp_path, rounds=3, selection=RoundSelection(average_rounds=2), registered_sites=("h-1", "h-2"))
+    grid = FakeGrid(sites)
+    card = run(grid, s)
+
+    rounds = RunDirectory(s.run_dir)
+    saved = {k: v.numpy() for k, v in rounds.load_model().state_dict.items()}
+    second, third = rounds.read_round(2).weights, rounds.read_round(3).weights
+    name = next(k for k in saved if k.endswith("weight") and np.issubdtype(saved[k].dtype, np.floating))
+    assert not np.allclose(second[name], third[name])
+    for k in saved:
+        if np.issubdtype(saved[k].dtype, np.floating):
+            np.testing.assert_allclose(saved[k], (second[k].astype(np.float64) + third[k]) / 2, rtol=1e-6)
+    assert card["training"]["kept_round"]["averaged_rounds"] == [2, 3]
+    assert card["final_evaluation"]["averaged_rounds"] == [2, 3]
+    # Every site evaluated the averaged model in a last message: the card's metrics are the saved model's.
+    evaluations = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert len(evaluations) == 3 * 2 + 2
+    sent = weights_from(evaluations[-1].content["arrays"], third)
+    assert all(np.array_equal(sent[k], saved[k]) for k in saved)
+    md = (s.run_dir / "model_card.md").read_text()
+    assert "Kept: round 3 (last), the mean of the models of rounds 2, 3." in md
+    assert "## Final evaluation (the model saved: the mean of rounds 2, 3," in md

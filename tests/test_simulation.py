@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,8 @@ def test_a_short_simulation_writes_results_plots_and_report(tmp_path, capsys):
         "federated,local,centralized",
         "--keep-round",
         "best",
+        "--average-rounds",
+        "2",
         "--out",
         str(out),
     ]
@@ -72,11 +75,15 @@ def test_a_short_simulation_writes_results_plots_and_report(tmp_path, capsys):
         "What the model looks at",
     ):
         assert section in report
-    # The real sites reported validation metrics through Flower, and the coordinator chose by them.
-    assert any(
-        row.startswith("| federated-seed0 | ") and row.endswith(" | 2 | best validation AUROC + AUPRC |")
+    # The real sites reported validation metrics through Flower, and the coordinator chose by them;
+    # it saved the mean of the rounds up to the kept one (round 1 alone: nothing to average).
+    kept = [
+        re.fullmatch(r"\| federated-seed0 \| (\d) \| 2 \| best validation AUROC \+ AUPRC \| (.*) \|", row)
         for row in report.splitlines()
-    ), report
+    ]
+    kept = [m for m in kept if m]
+    assert len(kept) == 1, report
+    assert kept[0].group(2) == ("1, 2" if kept[0].group(1) == "2" else "-"), report
     importance = pd.read_csv(out / "importance.csv")
     assert len(importance) == 14 and importance["importance"].sum() == pytest.approx(1.0, abs=1e-3)
 
