@@ -214,36 +214,37 @@ class Federation:
         for server_round in range((done[-1] if done else 0) + 1, s.rounds + 1):
             round_plan = plan | {"learning_rate": s.learning_rate_at(server_round)}
             weights = self.run_round(server_round, weights, round_plan)
-        return self.write_final_outputs(facts, weights)
+        return self.write_final_outputs(facts, weights, plan)
 
-    def write_final_outputs(self, facts: FederationFacts, last_weights: dict[str, np.ndarray]) -> dict[str, Any]:
-        """The kept round's model (``keep-round``), then its card (which holds the model's SHA-256)
-        and every round's metrics."""
+    def write_final_outputs(
+        self, facts: FederationFacts, last_weights: dict[str, np.ndarray], plan: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The kept round's model (``keep-round``), or the mean of the rounds up to it
+        (``average-rounds``), then its card (which holds the model's SHA-256) and every round's
+        metrics. ``plan`` is the rounds' plan, for the averaged model's evaluation."""
         history = self.run_dir.history()
         selection = self.settings.selection
         kept = with_averaged_rounds(history, kept_round(history, selection.keep_round), selection.average_rounds)
         weights = last_weights
-        if kept.round != history[-1]["round"]:
-            log.info("keeping round %d of %d (%s)", kept.round, history[-1]["round"], kept.rule)
-            weights = self.run_dir.read_round(kept.round).weights
         final_evaluation = None  # the kept round's own evaluation
         if kept.averaged_rounds:
             log.info("averaging the models of rounds %s", ", ".join(map(str, kept.averaged_rounds)))
             weights = average_weights([self.run_dir.read_round(r).weights for r in kept.averaged_rounds])
-            final_evaluation = self.evaluate_averaged_model(facts, weights)
+            final_evaluation = self.evaluate_averaged_model(weights, plan)
+        elif kept.round != history[-1]["round"]:
+            log.info("keeping round %d of %d (%s)", kept.round, history[-1]["round"], kept.rule)
+            weights = self.run_dir.read_round(kept.round).weights
         model_file = self.run_dir.save_model(self.bundle(facts, weights))
         card = model_card(history, self.settings, facts, model_file, kept, self.run_id, final_evaluation)
         self.run_dir.write_model_card(card, render_markdown(card, model_file.name), metrics_table(history))
         return card
 
-    def evaluate_averaged_model(self, facts: FederationFacts, weights: dict[str, np.ndarray]) -> dict[str, Any]:
+    def evaluate_averaged_model(self, weights: dict[str, np.ndarray], plan: dict[str, Any]) -> dict[str, Any]:
         """The sites' evaluation of the averaged model, which no round sent them, in a last
         message (as a round's evaluation: screened, its rejections on the card)."""
         s = self.settings
         self.wait_for_sites(s.sites_to_wait_for)
-        plan = s.plan(facts.build_normalizer(), facts.positive_class_weight()).to_record()
-        plan |= {"learning_rate": s.learning_rate_at(s.rounds)}
-        evaluated, rejected = self._evaluate(s.rounds, weights, plan)
+        evaluated, rejected = self._evaluate(s.rounds, weights, plan | {"learning_rate": s.learning_rate_at(s.rounds)})
         return {
             "evaluate": weighted_means(r.message for r in evaluated.accepted),
             "sites": {"evaluate": per_site(evaluated.accepted)},
