@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hymate.settings_fields import RunConfigError, run_config_of
-from server.federation import weights_from
+from server.federation import FederationError, weights_from
 from server.round_selection import (
     KeptRound,
     RoundSelection,
@@ -228,3 +228,43 @@ def test_the_coordinator_saves_the_mean_of_the_last_rounds_and_has_the_sites_eva
     md = (s.run_dir / "model_card.md").read_text()
     assert "Kept: round 3 (last), the mean of the models of rounds 2, 3." in md
     assert "## Final evaluation (the model saved: the mean of rounds 2, 3," in md
+
+
+class SitesLeaveAfterTheLastRound(FakeGrid):
+    """Every site disconnects once it has evaluated the last round's model: the averaged
+    model's evaluation, one message later, finds nobody."""
+
+    rounds: int = 3
+
+    def get_nodes(self):
+        evaluated = sum(m.metadata.message_type == "evaluate" for m in self.sent)
+        return [] if evaluated >= self.rounds * len(self.sites) else super().get_nodes()
+
+
+def test_sites_gone_before_the_averaged_evaluation_lose_nothing_and_resume_writes_the_mean(tmp_path):
+    s = settings(
+        tmp_path, rounds=3, wait_for_clients=1.0, selection=RoundSelection(average_rounds=2), registered_sites=("h-1",)
+    )
+    with pytest.raises(FederationError, match="only 0 of the required 1 sites connected"):
+        run(SitesLeaveAfterTheLastRound([FakeSite(1, "h-1", step=0.25)]), s)
+    rounds = RunDirectory(s.run_dir)
+    assert rounds.completed_rounds() == [1, 2, 3]  # every round's checkpoint is on disk
+    assert not (s.run_dir / "model_card.json").exists()  # no card for a model the sites never evaluated
+    events = [json.loads(line)["event"] for line in rounds.events_file.read_text().splitlines()]
+    assert events[-1] == "run-failed"
+
+    # The site is back: --resume trains nothing more, averages rounds 2 and 3, and has them evaluated.
+    grid = FakeGrid([FakeSite(5, "h-1", step=0.25)])
+    card = run(
+        grid,
+        settings(
+            tmp_path, rounds=3, resume=True, selection=RoundSelection(average_rounds=2), registered_sites=("h-1",)
+        ),
+    )
+    assert [m.metadata.message_type for m in grid.sent] == ["evaluate"]
+    assert card["training"]["kept_round"]["averaged_rounds"] == [2, 3]
+    saved = rounds.load_model().state_dict
+    second, third = rounds.read_round(2).weights, rounds.read_round(3).weights
+    for k, v in saved.items():
+        if np.issubdtype(v.numpy().dtype, np.floating):
+            np.testing.assert_allclose(v.numpy(), (second[k].astype(np.float64) + third[k]) / 2, rtol=1e-6)
