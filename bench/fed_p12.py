@@ -7,7 +7,9 @@ AUROC/AUPRC with bootstrap 95 % intervals, their means over the sites, rounds x 
 epochs, wall time, each pooled AUROC over the centralized one of the same seed (issue 13
 bar: >= 0.99) and the paired difference from it on the same stays (bootstrap 95 % interval);
 with several ``--seeds``, each seed's row, the mean and sd over the seeds, and the paired
-difference of the seeds' means.
+difference of the seeds' means. ``--predictions DIR`` writes each run's pooled test predictions as
+it finishes (``DIR/<row>_seed<N>.npz``), so that a recipe measured in a later invocation pairs
+with these rows through ``bench/pair_predictions.py`` (runs without DP are deterministic on CPU).
 
     python bench/fed_p12.py --d-model 32 --max-events 400 --batch-size 128 --learning-rate 3e-3 \\
         --federation "--strategy fedavg --rounds 10" \\
@@ -29,6 +31,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cli import ensure_data  # noqa: E402
+from pair_predictions import save_predictions  # noqa: E402
 from variants import paired_scores, plan_text, run_protocol, variant_spec  # noqa: E402
 
 from simulation.cli import build_parser  # noqa: E402
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--federation", action="append", default=[])
     own.add_argument("--no-centralized", action="store_true")
+    own.add_argument("--predictions", type=Path, help="write each run's pooled test predictions here")
     args, base = own.parse_known_args(argv)
     if not args.federation:
         print("bench/fed_p12.py: give at least one --federation 'FLAGS' (see the docstring)", file=sys.stderr)
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             run = run_protocol(dataclasses.replace(spec, seeds=(seed,)), protocol)
             pooled.setdefault(label, {})[seed] = run.pooled
+            if args.predictions:
+                save_predictions(args.predictions, label, seed, run.pooled)
             paired = {}
             if protocol == "federated" and "centralized" in pooled:
                 paired = paired_scores([run.pooled], [pooled["centralized"][seed]], "centralized", given.bootstrap)
