@@ -15,24 +15,9 @@ from hymate.data import VocabularyChoice
 from hymate.model import ModelOptions
 from hymate.model_bundle import Initialisation
 from hymate.settings_fields import add_flags, flag_values
-from hymate.train import TrainConfig
+from hymate.train import TRAIN_FLAGS, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINING_FLAGS = (
-    "epochs",
-    "batch_size",
-    "learning_rate",
-    "weight_decay",
-    "clip_grad_norm",
-    "patience",
-    "max_events",
-    "device",
-    "optimizer",
-    "momentum",
-    "freeze",
-    "validation_stays",
-    "ema_decay",
-)
 
 
 def ensure_data(data: Path | None, name: str) -> Path:
@@ -62,14 +47,14 @@ def build_parser(doc: str, out: str) -> argparse.ArgumentParser:
     add_flags(p.add_argument_group("data"), VocabularyChoice)
     add_flags(p.add_argument_group("HyMaTE"), ModelOptions)
     add_flags(p.add_argument_group("HyMaTE"), Initialisation)
-    add_flags(p.add_argument_group("training"), TrainConfig, TRAINING_FLAGS, defaults={"epochs": 10})
+    add_flags(p.add_argument_group("training"), TrainConfig, TRAIN_FLAGS, defaults={"epochs": 10})
     return p
 
 
 def hymate_settings(args: argparse.Namespace, seed: int) -> tuple[ModelOptions, TrainConfig]:
     """HyMaTE's model and training settings from the flags, with this run's seed."""
     return ModelOptions(**flag_values(ModelOptions, args)), TrainConfig(
-        **flag_values(TrainConfig, args, TRAINING_FLAGS), seed=seed
+        **flag_values(TrainConfig, args, TRAIN_FLAGS), seed=seed
     )
 
 

@@ -67,6 +67,13 @@ class TrainConfig:
     )
     max_events: int = setting(880, help="events kept per stay (the most recent)")
     cosine_schedule: bool = True
+    # Attention and the selective scan's step sizes start from random weights: a linear ramp of
+    # the learning rate keeps the first steps' large, badly aimed updates from throwing them off.
+    warmup_epochs: float = setting(
+        0.0,
+        help="centralized, local-only and personalised training: ramp the learning rate linearly from 0 over "
+        "this many epochs (fractions allowed), then the cosine decay over the rest (0: off)",
+    )
     pos_weight: float | None = None  # None: from the training labels, see positive_class_weight
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
     seed: int = setting(0)
@@ -83,10 +90,32 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
         check_choices(self, ("freeze", "optimizer", "validation_stays"))
         for name in ("momentum", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+# The TrainConfig fields the command lines (hymate-sim, bench/) have flags for: the seed comes
+# from --seeds, and the schedule's shape and the class weight from the program.
+TRAIN_FLAGS = (
+    "epochs",
+    "patience",
+    "batch_size",
+    "learning_rate",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "clip_grad_norm",
+    "max_events",
+    "device",
+    "freeze",
+    "validation_stays",
+    "ema_decay",
+    "warmup_epochs",
+)
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -231,6 +260,26 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
+def learning_rate_schedule(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """The per-step factor on the learning rate: a linear warm-up over ``config.warmup_epochs``,
+    then (``config.cosine_schedule``) a cosine decay to 0 at the last step, else constant."""
+    steps = config.epochs * steps_per_epoch
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    if not warmup and not config.cosine_schedule:
+        return None
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not config.cosine_schedule:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(steps - warmup, 1), 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def fit(
     model: nn.Module,
     train_batches: Iterable[Batch],
@@ -244,12 +293,7 @@ def fit(
     device = select_device(config.device)
     model.to(device)
     optimizer = make_optimizer(model, config)
-    steps = config.epochs * len(train_batches)  # type: ignore[arg-type]
-    scheduler = (
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
-        if config.cosine_schedule
-        else None
-    )
+    scheduler = learning_rate_schedule(optimizer, config, len(train_batches))  # type: ignore[arg-type]
     averaged = (
         AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
         if config.ema_decay

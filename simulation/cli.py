@@ -25,7 +25,7 @@ from hymate.data import DEFAULT_CACHE_DIR, DataError, VocabularyChoice
 from hymate.model import ModelOptions
 from hymate.model_bundle import Initialisation
 from hymate.settings_fields import add_flags, flag_values
-from hymate.train import TrainConfig
+from hymate.train import TRAIN_FLAGS, TrainConfig
 from server.round_selection import RoundSelection
 from server.secure_aggregation import SecureAggregationSettings
 from server.settings import ServerSettings
@@ -93,24 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="TOML file with any of these options (flags win)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
-
-
-# The TrainConfig fields hymate-sim has flags for (the seeds come from --seeds).
-TRAIN_FLAGS = (
-    "epochs",
-    "patience",
-    "batch_size",
-    "learning_rate",
-    "optimizer",
-    "momentum",
-    "weight_decay",
-    "clip_grad_norm",
-    "max_events",
-    "device",
-    "freeze",
-    "validation_stays",
-    "ema_decay",
-)
 
 
 def output_folder(requested: Path | None) -> Path:

@@ -47,6 +47,7 @@ def test_fitting_variants_written_to_one_folder_keep_apart_names():
         hymate_name(summaries, TrainConfig(validation_stays="train")),
         hymate_name(summaries, TrainConfig(ema_decay=0.998)),
         hymate_name(summaries, TrainConfig(validation_stays="train", ema_decay=0.998)),
+        hymate_name(summaries, TrainConfig(warmup_epochs=0.5)),
         hymate_name(ModelOptions(), TrainConfig()),
     }
     assert names == {
@@ -54,6 +55,7 @@ def test_fitting_variants_written_to_one_folder_keep_apart_names():
         "HyMaTE+summaries+trainval",
         "HyMaTE+summaries+ema0.998",
         "HyMaTE+summaries+trainval+ema0.998",
+        "HyMaTE+summaries+warmup0.5",
         "HyMaTE",
     }
 

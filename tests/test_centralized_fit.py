@@ -16,7 +16,7 @@ from hymate.data.normalization import MomentSums
 from hymate.data.stays import concat_tables
 from hymate.data.synthetic import SyntheticConfig, make_synthetic
 from hymate.model import HyMaTE, ModelOptions
-from hymate.train import TrainConfig, fit, make_optimizer, train_epoch
+from hymate.train import TrainConfig, fit, learning_rate_schedule, make_optimizer, train_epoch
 
 OPTIONS = ModelOptions(d_model=16, n_mamba_layers=1, n_attention_layers=1, n_heads=2, dropout=0.0)
 CONFIG = TrainConfig(epochs=2, batch_size=16, max_events=32, patience=1, cosine_schedule=False, device="cpu")
@@ -95,7 +95,37 @@ def test_with_an_ema_the_model_ends_on_the_averaged_weights_early_stopping_score
     ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\), got 1.0"),
     ("ema_decay", -0.1, r"ema_decay must be in \[0, 1\)"),
     ("validation_stays", "ignore", "validation-stays must be one of early-stop, train"),
+    ("warmup_epochs", -0.5, r"warmup_epochs must be in \[0, epochs=30\), got -0.5"),
+    ("warmup_epochs", 30, r"warmup_epochs must be in \[0, epochs=30\), got 30"),
 ])  # fmt: skip
 def test_bad_fitting_options_are_refused_by_name(field, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{field: value})
+
+
+def _factors(config: TrainConfig, steps_per_epoch: int) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = learning_rate_schedule(optimizer, config, steps_per_epoch)
+    factors = []
+    for _ in range(config.epochs * steps_per_epoch):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return factors
+
+
+def test_the_warm_up_ramps_linearly_then_the_cosine_decays_over_the_remaining_steps():
+    factors = _factors(TrainConfig(epochs=3, warmup_epochs=0.5), steps_per_epoch=4)
+    assert factors[:2] == pytest.approx([0.5, 1.0])  # 2 warm-up steps: half an epoch of 4
+    remaining = 10
+    assert factors[2:] == pytest.approx([0.5 * (1 + np.cos(np.pi * k / remaining)) for k in range(remaining)])
+
+
+def test_without_a_warm_up_the_schedule_is_the_cosine_over_every_step_or_none():
+    assert _factors(TrainConfig(epochs=2), steps_per_epoch=3) == pytest.approx(
+        [0.5 * (1 + np.cos(np.pi * k / 6)) for k in range(6)]
+    )
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert learning_rate_schedule(optimizer, TrainConfig(cosine_schedule=False), 5) is None
+    constant = _factors(TrainConfig(epochs=2, warmup_epochs=1, cosine_schedule=False), steps_per_epoch=2)
+    assert constant == pytest.approx([0.5, 1.0, 1.0, 1.0])
