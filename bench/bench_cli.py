@@ -16,6 +16,7 @@ from hymate.model import ModelOptions
 from hymate.model_bundle import Initialisation
 from hymate.settings_fields import add_flags, flag_values
 from hymate.train import TRAIN_FLAGS, TrainConfig
+from server.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,14 +48,16 @@ def build_parser(doc: str, out: str) -> argparse.ArgumentParser:
     add_flags(p.add_argument_group("data"), VocabularyChoice)
     add_flags(p.add_argument_group("HyMaTE"), ModelOptions)
     add_flags(p.add_argument_group("HyMaTE"), Initialisation)
-    add_flags(p.add_argument_group("training"), TrainConfig, TRAIN_FLAGS, defaults={"epochs": 10})
+    training = p.add_argument_group("training")
+    add_flags(training, TrainConfig, TRAIN_FLAGS, defaults={"epochs": 10})
+    add_flags(training, ServerSettings, ("class_weight",))  # hymate-sim's flag: none is the unweighted loss
     return p
 
 
 def hymate_settings(args: argparse.Namespace, seed: int) -> tuple[ModelOptions, TrainConfig]:
     """HyMaTE's model and training settings from the flags, with this run's seed."""
     return ModelOptions(**flag_values(ModelOptions, args)), TrainConfig(
-        **flag_values(TrainConfig, args, TRAIN_FLAGS), seed=seed
+        **flag_values(TrainConfig, args, TRAIN_FLAGS), seed=seed, pos_weight=1.0 if args.class_weight == "none" else None
     )
 
 

@@ -178,6 +178,8 @@ def hymate_name(options: ModelOptions, config: TrainConfig) -> str:
         name += "+trainval"
     if config.ema_decay:
         name += f"+ema{config.ema_decay:g}"
+    if config.pos_weight == 1.0:
+        name += "+unweighted"
     if config.warmup_epochs:
         name += f"+warmup{config.warmup_epochs:g}"
     return name

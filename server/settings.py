@@ -24,7 +24,7 @@ from server.round_selection import RoundSelection
 from server.secure_aggregation import SecureAggregationSettings
 from strategies.registry import StrategyError, StrategySpec, check_secure_aggregation
 
-CLASS_WEIGHTS = ("federation", "site")
+CLASS_WEIGHTS = ("federation", "site", "none")
 LR_SCHEDULES = ("constant", "cosine")
 
 SettingsError = RunConfigError  # a run-config key has a wrong type or value; names the key
@@ -97,8 +97,9 @@ class ServerSettings:
     class_weight: str = setting(
         "federation",
         choices=CLASS_WEIGHTS,
-        help="the positive class's loss weight: one for every site from the federation's training label counts "
-        "(the centralized model's objective), or each site's own",
+        help="the positive class's loss weight sqrt(negatives / positives): one for every site from the "
+        "federation's training label counts (the centralized model's objective), or each site's own; or none, "
+        "the unweighted loss, whose probabilities are calibrated (a weight w inflates each stay's odds about w times)",
     )
     selection: RoundSelection = setting(default_factory=RoundSelection, group=True)
     #: Set by hymate-sim: the partitions its virtual sites hold (empty for real deployments).
@@ -159,7 +160,9 @@ class ServerSettings:
         return self.learning_rate * 0.5 * (1 + math.cos(math.pi * (server_round - 1) / self.rounds))
 
     def plan_pos_weight(self, federation_pos_weight: float | None) -> float:
-        """The weight the plan sends: the federation's, or 0 (each site's own)."""
+        """The weight the plan sends: the federation's, 1 (unweighted), or 0 (each site's own)."""
+        if self.class_weight == "none":
+            return 1.0
         return federation_pos_weight if self.class_weight == "federation" and federation_pos_weight else 0.0
 
 

@@ -75,7 +75,9 @@ class SimulationSpec:
     init_from: str = ""  # a checkpoint every protocol starts from (absolute path; empty: random weights)
     selection: RoundSelection = field(default_factory=RoundSelection)  # which round a federation keeps
     lr_schedule: str = "constant"  # a federation's learning rate over its rounds: "constant" or "cosine"
-    class_weight: str = "federation"  # a federation's positive class weight: "federation" or each "site"'s own
+    # The positive class weight: a federation's from all sites' counts ("federation") or each "site"'s own,
+    # and the training labels' in centralized, local and personalised training; "none" everywhere: unweighted.
+    class_weight: str = "federation"
     keep_optimizer_state: bool = False  # every site continues its optimiser's state from round to round
     # Each site's split is stratified by label, so its val and test splits hold both classes
     # whenever it has three patients of each. One with fewer (a natural unit with two deaths, a
@@ -190,7 +192,8 @@ class Experiment:
                 self.result.pooled_predictions[protocol, seed] = predictions
 
     def _train_config(self, seed: int) -> TrainConfig:
-        return dataclasses.replace(self.spec.train, seed=seed)
+        unweighted = 1.0 if self.spec.class_weight == "none" else None
+        return dataclasses.replace(self.spec.train, seed=seed, pos_weight=unweighted)
 
     # -- protocols ------------------------------------------------------------------
 
@@ -246,7 +249,7 @@ class Experiment:
             model = bundle.build()
             train = make_loader_for(site.train, bundle, config, shuffle=True)
             val = make_loader_for(site.val, bundle, config, shuffle=False)
-            fit(model, train, val, config, positive_class_weight(site.train.labels))
+            fit(model, train, val, config, config.pos_weight or positive_class_weight(site.train.labels))
             self._score(
                 model,
                 bundle.normalizer,

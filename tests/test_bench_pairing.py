@@ -48,6 +48,7 @@ def test_fitting_variants_written_to_one_folder_keep_apart_names():
         hymate_name(summaries, TrainConfig(ema_decay=0.998)),
         hymate_name(summaries, TrainConfig(validation_stays="train", ema_decay=0.998)),
         hymate_name(summaries, TrainConfig(warmup_epochs=0.5)),
+        hymate_name(summaries, TrainConfig(pos_weight=1.0)),
         hymate_name(ModelOptions(), TrainConfig()),
     }
     assert names == {
@@ -56,6 +57,7 @@ def test_fitting_variants_written_to_one_folder_keep_apart_names():
         "HyMaTE+summaries+ema0.998",
         "HyMaTE+summaries+trainval+ema0.998",
         "HyMaTE+summaries+warmup0.5",
+        "HyMaTE+summaries+unweighted",
         "HyMaTE",
     }
 
@@ -105,3 +107,12 @@ def test_saved_predictions_of_other_stays_or_no_common_seed_are_refused_by_name(
     assert "no seed in common: A has [0, 1], B has [5]" in capsys.readouterr().err
     assert main([a, str(tmp_path / "missing" / "*.npz")]) == 2
     assert "no prediction files match" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, pos_weight", [(["--class-weight", "none"], 1.0), ([], None)])
+def test_the_benches_take_hymate_sims_class_weight_flag(argv, pos_weight):
+    from bench_cli import build_parser, hymate_settings
+
+    args = build_parser("doc", "bench-test").parse_args(argv + ["--warmup-epochs", "0.5"])
+    _, config = hymate_settings(args, seed=3)
+    assert (config.pos_weight, config.warmup_epochs, config.seed) == (pos_weight, 0.5, 3)

@@ -42,6 +42,13 @@ def test_each_site_keeps_its_own_weight_on_request_or_without_every_count(tmp_pa
     assert sent_weights(grid) == {("train", 0.0), ("evaluate", 0.0)}  # 0: the site's own
 
 
+def test_class_weight_none_has_every_site_train_and_evaluate_unweighted(tmp_path):
+    grid = FakeGrid([FakeSite(i + 1, f"h-{i}", examples=100, positives_train=k) for i, k in enumerate((5, 45))])
+    card = run(grid, settings(tmp_path, rounds=1, class_weight="none", registered_sites=("h-0", "h-1")))
+    assert sent_weights(grid) == {("train", 1.0), ("evaluate", 1.0)}
+    assert card["training"]["positive_class_weight"] == 1.0
+
+
 def test_a_site_reports_its_training_positives_as_a_count_only(tmp_path):
     site = open_site(SiteSettings(dataset="synthetic", site="site-2", state_dir=tmp_path))
     provenance = site.provenance()

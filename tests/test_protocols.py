@@ -152,6 +152,39 @@ def test_every_protocol_scores_through_the_one_helper(monkeypatch, tmp_path, sco
     assert {c["device"] for c in scored} == {"cpu"}
 
 
+@pytest.mark.parametrize("class_weight, expected", [("none", 1.0), ("federation", None), ("site", None)])
+def test_class_weight_none_trains_every_non_federated_protocol_unweighted(
+    monkeypatch, tmp_path, scored, class_weight, expected
+):
+    """None: centralized and local training derive sqrt(negatives / positives) from their labels."""
+    weights: dict[str, list] = {"train_centralized": [], "fit": []}
+    monkeypatch.setattr(
+        protocols,
+        "train_centralized",
+        lambda train, val, tests, model, config, init_from: weights["train_centralized"].append(config.pos_weight)
+        or SimpleNamespace(model="model", normalizer="normalizer"),
+    )
+    monkeypatch.setattr(protocols, "fit", lambda model, train, val, config, pos_weight: weights["fit"].append(pos_weight))
+    exp = experiment(
+        monkeypatch,
+        many_small_hospitals(40, 4),
+        tmp_path,
+        partition=PartitionScheme("iid"),
+        sites=2,
+        min_site_size=10,
+        protocols=("centralized", "local", "personalized"),
+        train=TrainConfig(device="cpu"),
+        class_weight=class_weight,
+    )
+    exp.run()
+    assert weights["train_centralized"] == [expected] * 3  # centralized, then each of the 2 sites' own
+    assert len(weights["fit"]) == 2  # personalised: each site fine-tunes the federated model
+    if expected is None:  # each site's own labels
+        assert all(w > 1.0 for w in weights["fit"])
+    else:
+        assert weights["fit"] == [expected, expected]
+
+
 def test_one_class_splits_are_by_default_flagged_in_results_and_report(monkeypatch, tmp_path, scored):
     exp = experiment(monkeypatch, one_positive_per_site(), tmp_path, protocols=("federated",))
     assert len(exp.result.warnings) == 4  # val and test of both wards

@@ -62,7 +62,7 @@ def test_a_run_config_builds_the_settings_with_nested_model_options():
         ({"batch-size": True}, "'batch-size'=True must be int"),
         ({"num-server-rounds": 0}, "num-server-rounds must be at least 1"),
         ({"optimizer": "adam"}, "optimizer must be one of adamw, sgd, got 'adam'"),
-        ({"class-weight": "pooled"}, "class-weight must be one of federation, site, got 'pooled'"),
+        ({"class-weight": "pooled"}, "class-weight must be one of federation, site, none, got 'pooled'"),
         ({"keep-round": "first"}, "keep-round must be one of last, best, best-loss, got 'first'"),
         ({"momentum": 1.0}, r"momentum must be in \[0, 1\), got 1.0"),
     ],
@@ -95,4 +95,5 @@ def test_the_plan_carries_every_shared_training_setting():
     assert plan.pos_weight == 2.5
     # Each site its own weight: asked for, or when a member did not report its training positives.
     assert ServerSettings(class_weight="site").plan(None, 2.5).pos_weight == 0.0
+    assert ServerSettings(class_weight="none").plan(None, 2.5).pos_weight == 1.0  # unweighted at every site
     assert settings.plan(None, None).pos_weight == 0.0
