@@ -143,6 +143,26 @@ def start_child(
     return process
 
 
+def run_command(
+    args: Sequence[str], timeout: float, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``subprocess.run(args, capture_output=True, text=True)``, but the child is reaped however we leave.
+
+    On Ctrl-C, ``subprocess.run`` kills its child and re-raises without waiting for it
+    (bpo-25942), so the killed child stays a zombie in our process group until init collects
+    it after we exit. A terminal or supervisor that checks the group is empty then sees it:
+    an interrupted ``hymate-sim`` whose Ctrl-C landed during a ``flwr list`` left one behind.
+    """
+    with subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+    return subprocess.CompletedProcess(list(args), process.returncode, stdout, stderr)
+
+
 def stop_child(process: subprocess.Popen, pid_file: Path, timeout: float = 10.0) -> None:
     """Stop the child's whole process group (SIGTERM, then SIGKILL) and forget its pid file.
 

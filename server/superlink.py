@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hymate.processes import start_child, stop_child
+from hymate.processes import run_command, start_child, stop_child
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +144,7 @@ class SuperLink:
         """Run ``flwr ARGS --format json`` against this SuperLink; its JSON answer, or SuperLinkError."""
         command = [_flwr_bin("flwr"), *args, "--format", "json"]
         try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **self.env}
-            )
+            done = run_command(command, timeout, env={**os.environ, **self.env})
         except subprocess.TimeoutExpired as e:
             raise SuperLinkError(f"`flwr {' '.join(args)}` did not answer within {timeout:.0f} s") from e
         try:
@@ -207,11 +205,5 @@ class SuperLink:
         raise SuperLinkError(f"run {run_id} did not finish within {timeout:.0f} s")
 
     def run_log(self, run_id: str) -> str:
-        done = subprocess.run(
-            [_flwr_bin("flwr"), "log", run_id, CONNECTION, "--show"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, **self.env},
-        )
+        done = run_command([_flwr_bin("flwr"), "log", run_id, CONNECTION, "--show"], 60, env={**os.environ, **self.env})
         return done.stdout + done.stderr
