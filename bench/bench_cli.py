@@ -16,7 +16,7 @@ from hymate.model import ModelOptions
 from hymate.model_bundle import Initialisation
 from hymate.settings_fields import add_flags, flag_values
 from hymate.train import TRAIN_FLAGS, TrainConfig
-from server.settings import ServerSettings
+from server.settings import ServerSettings, fixed_class_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def build_parser(doc: str, out: str) -> argparse.ArgumentParser:
 def hymate_settings(args: argparse.Namespace, seed: int) -> tuple[ModelOptions, TrainConfig]:
     """HyMaTE's model and training settings from the flags, with this run's seed."""
     return ModelOptions(**flag_values(ModelOptions, args)), TrainConfig(
-        **flag_values(TrainConfig, args, TRAIN_FLAGS), seed=seed, pos_weight=1.0 if args.class_weight == "none" else None
+        **flag_values(TrainConfig, args, TRAIN_FLAGS), seed=seed, pos_weight=fixed_class_weight(args.class_weight)
     )
 
 

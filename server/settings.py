@@ -27,6 +27,13 @@ from strategies.registry import StrategyError, StrategySpec, check_secure_aggreg
 CLASS_WEIGHTS = ("federation", "site", "none")
 LR_SCHEDULES = ("constant", "cosine")
 
+
+def fixed_class_weight(choice: str) -> float | None:
+    """The positive class's loss weight a ``--class-weight`` choice fixes: 1 (unweighted) for
+    ``none``; None where it comes from labels (a site's own, or the federation's counts)."""
+    return 1.0 if choice == "none" else None
+
+
 SettingsError = RunConfigError  # a run-config key has a wrong type or value; names the key
 
 
@@ -161,8 +168,9 @@ class ServerSettings:
 
     def plan_pos_weight(self, federation_pos_weight: float | None) -> float:
         """The weight the plan sends: the federation's, 1 (unweighted), or 0 (each site's own)."""
-        if self.class_weight == "none":
-            return 1.0
+        fixed = fixed_class_weight(self.class_weight)
+        if fixed is not None:
+            return fixed
         return federation_pos_weight if self.class_weight == "federation" and federation_pos_weight else 0.0
 
 

@@ -38,6 +38,7 @@ from hymate.train import TrainConfig, fit, positive_class_weight
 from server.round_selection import RoundSelection
 from server.run_dir import RunDirectory
 from server.secure_aggregation import SecureAggregationSettings
+from server.settings import fixed_class_weight
 from simulation.engine import EngineSettings, simulate_federation
 from simulation.evaluation import Predictions, metric_rows, predict, variable_importance
 from simulation.partitioners import PartitionScheme, partition_stays
@@ -192,8 +193,7 @@ class Experiment:
                 self.result.pooled_predictions[protocol, seed] = predictions
 
     def _train_config(self, seed: int) -> TrainConfig:
-        unweighted = 1.0 if self.spec.class_weight == "none" else None
-        return dataclasses.replace(self.spec.train, seed=seed, pos_weight=unweighted)
+        return dataclasses.replace(self.spec.train, seed=seed, pos_weight=fixed_class_weight(self.spec.class_weight))
 
     # -- protocols ------------------------------------------------------------------
 

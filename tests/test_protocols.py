@@ -33,6 +33,20 @@ def experiment(monkeypatch, table, tmp_path: Path, **spec) -> Experiment:
     return Experiment(SimulationSpec(out=tmp_path / "out", bootstrap=5, **spec))
 
 
+def two_iid_sites(monkeypatch, tmp_path: Path, **spec) -> Experiment:
+    """Two iid virtual sites of 80 small-hospital stays, trained and scored on the CPU."""
+    return experiment(
+        monkeypatch,
+        many_small_hospitals(40, 4),
+        tmp_path,
+        partition=PartitionScheme("iid"),
+        sites=2,
+        min_site_size=10,
+        train=TrainConfig(device="cpu"),
+        **spec,
+    )
+
+
 def test_virtual_sites_split_by_their_own_labels_not_their_source_hospitals(monkeypatch, tmp_path):
     # Stratified by source hospital (the old split), every stratum held one patient, so all
     # 90 positives went to train and val/test had none (the eICU demo's 106/0/0).
@@ -127,16 +141,7 @@ def test_loso_scores_on_the_requested_device(monkeypatch, tmp_path, scored):
 
 
 def test_every_protocol_scores_through_the_one_helper(monkeypatch, tmp_path, scored):
-    exp = experiment(
-        monkeypatch,
-        many_small_hospitals(40, 4),
-        tmp_path,
-        partition=PartitionScheme("iid"),
-        sites=2,
-        min_site_size=10,
-        protocols=PROTOCOLS,
-        train=TrainConfig(device="cpu"),
-    )
+    exp = two_iid_sites(monkeypatch, tmp_path, protocols=PROTOCOLS)
     helper_calls: list[str] = []
     score = Experiment._score
 
@@ -161,20 +166,16 @@ def test_class_weight_none_trains_every_non_federated_protocol_unweighted(
     monkeypatch.setattr(
         protocols,
         "train_centralized",
-        lambda train, val, tests, model, config, init_from: weights["train_centralized"].append(config.pos_weight)
-        or SimpleNamespace(model="model", normalizer="normalizer"),
+        lambda train, val, tests, model, config, init_from: (
+            weights["train_centralized"].append(config.pos_weight)
+            or SimpleNamespace(model="model", normalizer="normalizer")
+        ),
     )
-    monkeypatch.setattr(protocols, "fit", lambda model, train, val, config, pos_weight: weights["fit"].append(pos_weight))
-    exp = experiment(
-        monkeypatch,
-        many_small_hospitals(40, 4),
-        tmp_path,
-        partition=PartitionScheme("iid"),
-        sites=2,
-        min_site_size=10,
-        protocols=("centralized", "local", "personalized"),
-        train=TrainConfig(device="cpu"),
-        class_weight=class_weight,
+    monkeypatch.setattr(
+        protocols, "fit", lambda model, train, val, config, pos_weight: weights["fit"].append(pos_weight)
+    )
+    exp = two_iid_sites(
+        monkeypatch, tmp_path, protocols=("centralized", "local", "personalized"), class_weight=class_weight
     )
     exp.run()
     assert weights["train_centralized"] == [expected] * 3  # centralized, then each of the 2 sites' own
