@@ -78,12 +78,11 @@ def train_centralized(
     )
     result = fit(model, train_loader, val_loader, config, pos_weight)
     device = select_device(config.device)
-    test = {
+    test = {  # the model's risks are probabilities now (fit took the class weight out): unweighted loss
         name: evaluate(
             model,
             make_loader(StayDataset(table, normalizer, config.max_events), 2 * config.batch_size, False),
             device,
-            pos_weight,
         )
         for name, table in tests.items()
     }

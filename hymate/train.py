@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from hymate.allocator import return_large_blocks_to_os, trim_heap
 from hymate.data.batches import Batch
 from hymate.metrics import auprc, auroc
-from hymate.model import FREEZE_CHOICES, freeze
+from hymate.model import FREEZE_CHOICES, freeze, remove_class_weight
 from hymate.settings_fields import check_choices, setting
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,9 @@ def fit(
 ) -> FitResult:
     """Train with early stopping on validation AUROC + AUPRC; the model ends on its best weights.
     Without ``val_batches`` every epoch runs and the model ends on the last. Under
-    ``config.ema_decay`` the weights scored and kept are the moving average's."""
+    ``config.ema_decay`` the weights scored and kept are the moving average's. The model leaves
+    with ``pos_weight`` taken out of its risks (``remove_class_weight``): what it predicts is a
+    probability, and its ranking is the one validation chose."""
     device = select_device(config.device)
     model.to(device)
     optimizer = make_optimizer(model, config)
@@ -345,4 +347,5 @@ def fit(
         model.load_state_dict(best_state)
     elif averaged is not None:
         model.load_state_dict(averaged.module.state_dict())
+    remove_class_weight(model.state_dict(), pos_weight)
     return FitResult(best_epoch, best, history)

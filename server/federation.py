@@ -33,7 +33,7 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
 from hymate.data.normalization import MomentSums
-from hymate.model import HyMaTE
+from hymate.model import HyMaTE, remove_class_weight
 from hymate.model_bundle import ModelBundle, initial_weights
 from hymate.secure_sums import (
     PHASE_KEY,
@@ -551,10 +551,15 @@ class Federation:
             )
 
     def bundle(self, facts: FederationFacts, weights: dict[str, np.ndarray]) -> ModelBundle:
+        """The model file of ``weights``, its risks without the class weight's offset (the card says which)."""
         config = self.settings.model.for_schema(len(facts.variables), len(facts.static_names))
+        state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
+        trained_weight = self.settings.trained_class_weight(facts)
+        if trained_weight is not None:
+            remove_class_weight(state, trained_weight)
         return ModelBundle(
             config=config,
-            state_dict={k: torch.from_numpy(np.array(v)) for k, v in weights.items()},
+            state_dict=state,
             normalizer=facts.build_normalizer(),
             variables=tuple(facts.variables),
             static_names=tuple(facts.static_names),

@@ -195,6 +195,8 @@ def model_card(
             "clip_grad_norm": settings.clip_grad_norm,
             # The positive class's loss weight every site used (0: each site its own).
             "positive_class_weight": settings.plan_pos_weight(facts.positive_class_weight()),
+            # Taken out of the saved model's risks, so that they are probabilities (None: not known, kept).
+            "class_weight_removed_from_risks": settings.trained_class_weight(facts),
             "max_events": settings.max_events,
             "seed": settings.seed,
             "local_norms": settings.local_norms,
@@ -244,6 +246,17 @@ def initialisation_record(init_from: str) -> dict[str, str] | None:
     return {"path": init_from, "sha256": sha256_of(Path(init_from))} if init_from else None
 
 
+def _risk_line(removed: float | None) -> str:
+    if removed == 1.0:
+        return "Risks: probabilities (the loss was unweighted)."
+    if removed is None:
+        return "Risks: the sites' own loss weights are not all known, so the model's risks keep their offset (odds too high)."
+    return (
+        f"Risks: probabilities; the positive class's loss weight ({removed:.3g}) was taken out of the head's bias, "
+        "which changes no ranking."
+    )
+
+
 def render_markdown(card: dict[str, Any], model_file: str) -> str:
     """The card for people; ``model_file``: the name of the model file whose SHA-256 it states."""
     card = to_jsonable(card)
@@ -266,6 +279,7 @@ def render_markdown(card: dict[str, Any], model_file: str) -> str:
         f"seed {t['seed']}, at least {t['min_clients']} sites per round.",
         f"Kept: round {t['kept_round']['round']} ({t['kept_round']['rule']}){_averaged_text(t['kept_round'])}.",
         f"Model: {', '.join(f'{k} {v}' for k, v in t['model'].items())}.",
+        _risk_line(t.get("class_weight_removed_from_risks")),
         _secure_aggregation_line(t["secure_aggregation"]),
         (
             f"Initial weights: `{t['init_from']['path']}` (SHA-256 `{t['init_from']['sha256']}`), frozen: {t['freeze']}."

@@ -20,6 +20,7 @@ from hymate.model import FREEZE_CHOICES, ModelOptions
 from hymate.model_bundle import Initialisation
 from hymate.settings_fields import RunConfigError, check_choices, config_key, default_of, from_run_config, setting
 from hymate.train import OPTIMIZERS
+from server.federation_facts import FederationFacts
 from server.round_selection import RoundSelection
 from server.secure_aggregation import SecureAggregationSettings
 from strategies.registry import StrategyError, StrategySpec, check_secure_aggregation
@@ -172,6 +173,13 @@ class ServerSettings:
         if fixed is not None:
             return fixed
         return federation_pos_weight if self.class_weight == "federation" and federation_pos_weight else 0.0
+
+    def trained_class_weight(self, facts: FederationFacts) -> float | None:
+        """The class weight the global model's head holds, which the saved model takes out of its
+        risks (``remove_class_weight``): the plan's, or where each site used its own, their mean;
+        None when a site's counts are unknown (the risks then keep the weight's offset)."""
+        planned = self.plan_pos_weight(facts.positive_class_weight())
+        return planned if planned > 0 else facts.sites_class_weight()
 
 
 def config_key_of(name: str) -> str:
