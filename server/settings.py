@@ -107,7 +107,7 @@ class ServerSettings:
         choices=CLASS_WEIGHTS,
         help="the positive class's loss weight sqrt(negatives / positives): one for every site from the "
         "federation's training label counts (the centralized model's objective), or each site's own; or none, "
-        "the unweighted loss, whose probabilities are calibrated (a weight w inflates each stay's odds about w times)",
+        "the unweighted loss (either way the saved model's risks are probabilities: the weight's log is taken off its head)",
     )
     selection: RoundSelection = setting(default_factory=RoundSelection, group=True)
     #: Set by hymate-sim: the partitions its virtual sites hold (empty for real deployments).
