@@ -26,6 +26,7 @@ from hymate.model import ModelOptions
 from hymate.model_bundle import Initialisation, ModelBundle
 from hymate.processes import free_port
 from hymate.settings_fields import add_flags, flag_config
+from server.app_source import AppSourceError, staged_app
 from server.certs import create_federation_keys
 from server.events import ConsoleProgress
 from server.round_selection import RoundSelection
@@ -36,9 +37,6 @@ from server.superlink import SuperLink, SuperLinkError, TLSFiles
 from strategies.registry import StrategyError, build_strategy
 
 log = logging.getLogger("hymate-server")
-
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-
 
 # The ServerSettings fields hymate-server has flags for (the rest: --strategy-option, --run-dir, --site-keys).
 RUN_FLAGS = (
@@ -216,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
         superlink.start()
         for name, key in keys.items():
             superlink.register(key, name)
-        run_id = superlink.run_app(PROJECT_DIR, config_file)
+        with staged_app() as app:
+            run_id = superlink.run_app(app, config_file)
         log.info("run %s started: %d rounds of %s; logs in %s", run_id, args.rounds, args.strategy, args.run_dir)
         card = run_dir.model_card_file
         card_before = card.stat().st_mtime if card.exists() else 0.0
@@ -271,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the SuperLink is stopped on the way out
     try:
         return run(args)
-    except (SettingsError, StrategyError, RunDirError, SuperLinkError, ValueError) as e:
+    except (SettingsError, StrategyError, RunDirError, SuperLinkError, AppSourceError, ValueError) as e:
         print(f"hymate-server: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,12 +24,11 @@ import tomli_w
 
 from client.partition import Partition, SimulationManifest
 from hymate.processes import free_port
+from server.app_source import AppSourceError, staged_app
 from server.run_dir import RunDirectory
 from server.superlink import SuperLink, SuperLinkError
 
 log = logging.getLogger(__name__)
-
-PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 class SimulationError(RuntimeError):
@@ -120,7 +119,8 @@ def simulate_federation(
     superlink = SuperLink(runs.superlink_dir, "127.0.0.1", free_port(), tls=None, simulation=True, env=env)
     try:
         superlink.start()
-        run_id = superlink.run_app(PROJECT_DIR, config_file, engine.federation_config(len(partitions)))
+        with staged_app() as app:
+            run_id = superlink.run_app(app, config_file, engine.federation_config(len(partitions)))
         status = superlink.wait_for_run(
             run_id,
             engine.timeout,
@@ -129,7 +129,7 @@ def simulate_federation(
         )
         if status != "finished:completed":
             raise SimulationError(f"simulation ended as {status}:\n{superlink.run_log(run_id)[-3000:]}")
-    except SuperLinkError as e:
+    except (SuperLinkError, AppSourceError) as e:
         raise SimulationError(str(e)) from e
     finally:
         superlink.stop()
