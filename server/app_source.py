@@ -26,12 +26,16 @@ class AppSourceError(RuntimeError):
 
 def fab_include_patterns(pyproject: Path) -> list[str]:
     try:
-        config = tomllib.loads(pyproject.read_text())
+        text = pyproject.read_text()
     except OSError as e:
         raise AppSourceError(
             f"{pyproject}: not readable ({e}); hymate-server and hymate-sim run the Flower App of the "
             "project they were installed from (pip install -e)"
         ) from None
+    try:
+        config = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise AppSourceError(f"{pyproject}: not valid TOML ({e})") from None
     patterns = config.get("tool", {}).get("flwr", {}).get("app", {}).get("fab-include")
     if not patterns:
         raise AppSourceError(f"{pyproject}: [tool.flwr.app] fab-include is missing")

@@ -49,3 +49,9 @@ def test_a_project_without_fab_include_is_named(tmp_path):
 def test_a_missing_pyproject_says_where_the_app_comes_from(tmp_path):
     with pytest.raises(AppSourceError, match="not readable.*installed from"), staged_app(tmp_path):
         pass
+
+
+def test_a_corrupt_pyproject_is_named(tmp_path):
+    (tmp_path / "pyproject.toml").write_text("[tool.flwr.app\n")
+    with pytest.raises(AppSourceError, match="pyproject.toml: not valid TOML"), staged_app(tmp_path):
+        pass
