@@ -60,7 +60,7 @@ def test_dp_config_is_validated(monkeypatch):
     def too_low(**_):
         raise ValueError("The privacy budget is too low.")
 
-    monkeypatch.setattr("hymate.privacy.calibration.get_noise_multiplier", too_low)
+    monkeypatch.setattr("opacus.accountants.utils.get_noise_multiplier", too_low)
     with pytest.raises(ValueError, match="no noise multiplier reaches epsilon 0.001 .* budget is too low"):
         plan_round(DPConfig(target_epsilon=1e-3, delta=1e-5, planned_rounds=7), 1000, 50, 3)
 

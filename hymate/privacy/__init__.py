@@ -30,17 +30,23 @@ hundreds of MB of memory in some calibrations, and known memory blow-ups at some
 (opacus issue #602). A few percent less noise is not worth a budget check that can be
 slow, memory-hungry or version-sensitive on a hospital's machine; sites that want the
 tighter bound can choose PRV explicitly.
+
+Opacus is imported where DP work starts (noise calibration, the ledger's epsilon, a DP round,
+``make_private``), never at import: its package import pulls ``torch.distributed.tensor`` and
+``scipy.stats``, about 3 s of CPU, and every site process imports this package (the site's
+settings hold a ``DPConfig``), so a site without DP never loads it.
 """
 
-from hymate.privacy import grad_samplers  # noqa: F401  (registers the grad samplers with Opacus)
+import importlib
+
 from hymate.privacy.adaptive_clipping import AdaptiveClipping, load_clip_bound, save_clip_bound
-from hymate.privacy.calibration import DPConfig, RoundPlan, calibrate_noise, plan_round, poisson_schedule
-from hymate.privacy.dp_sgd import (
+from hymate.privacy.calibration import (
     ACCOUNTANTS,
-    AdaptiveClipDPOptimizer,
-    PoissonDPOptimizer,
-    PrivateTraining,
-    make_private,
+    DPConfig,
+    RoundPlan,
+    calibrate_noise,
+    plan_round,
+    poisson_schedule,
 )
 from hymate.privacy.ledger import (
     LedgerError,
@@ -56,6 +62,17 @@ from hymate.privacy.training import (
     check_affordable,
     train_private_round,
 )
+
+#: Names of ``dp_sgd``, which imports Opacus (and registers ``grad_samplers`` with it); loaded
+#: on first access.
+_DP_SGD_NAMES = frozenset({"AdaptiveClipDPOptimizer", "PoissonDPOptimizer", "PrivateTraining", "make_private"})
+
+
+def __getattr__(name: str):
+    if name in _DP_SGD_NAMES:
+        return getattr(importlib.import_module("hymate.privacy.dp_sgd"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ACCOUNTANTS",

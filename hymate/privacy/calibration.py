@@ -17,9 +17,8 @@ import math
 import warnings
 from dataclasses import dataclass
 
-from opacus.accountants.utils import get_noise_multiplier
-
-from hymate.privacy.dp_sgd import ACCOUNTANTS
+#: Opacus's accountants a site may choose (see ``hymate.privacy`` for why RDP is the default).
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 
 
 @dataclass(frozen=True)
@@ -100,6 +99,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     Within ``min(0.01, 0.002 * target)`` below the target (bisection); cached per argument set.
     Raises ValueError when no noise below Opacus's MAX_SIGMA reaches the target.
     """
+    from opacus.accountants.utils import get_noise_multiplier  # loaded on first use: see hymate.privacy
+
     tolerance = min(0.01, 0.002 * target_epsilon)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the")

@@ -47,10 +47,9 @@ from torch.utils.data import DataLoader
 from hymate.data.batches import Batch, EncodedStay, StayDataset, collate_stays
 from hymate.privacy import grad_samplers
 from hymate.privacy.adaptive_clipping import AdaptiveClipping
+from hymate.privacy.calibration import ACCOUNTANTS
 
 log = logging.getLogger(__name__)
-
-ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 
 
 @dataclass

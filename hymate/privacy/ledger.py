@@ -39,10 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from opacus.accountants import create_accountant
-
 from hymate.files import atomic_write_text
-from hymate.privacy.dp_sgd import ACCOUNTANTS
+from hymate.privacy.calibration import ACCOUNTANTS
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +97,8 @@ def compose_epsilon(history: Sequence[HistoryEntry], delta: float, accountant: s
     """Epsilon of ``history`` at ``delta`` under Opacus's ``accountant`` ("rdp" or "prv"); 0 if empty."""
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant  # loaded on first use: see hymate.privacy
+
     acc = create_accountant(mechanism=accountant)
     acc.history = [tuple(entry) for entry in history]
     with warnings.catch_warnings():

@@ -20,7 +20,6 @@ from torch import nn
 from hymate.data.batches import StayDataset
 from hymate.privacy.adaptive_clipping import AdaptiveClipping
 from hymate.privacy.calibration import DPConfig, RoundPlan
-from hymate.privacy.dp_sgd import make_private
 from hymate.privacy.ledger import PrivacyLedger, append_steps
 from hymate.train import ProximalTerm, train_epoch
 
@@ -127,6 +126,8 @@ def train_private_round(
         clipping = AdaptiveClipping.for_step(
             config.clip_quantile, config.clip_learning_rate, plan.expected_batch_size, plan.noise_multiplier
         )
+    from hymate.privacy.dp_sgd import make_private  # Opacus loads here, at a DP site's first round: see hymate.privacy
+
     dp = make_private(
         model,
         optimizer,
