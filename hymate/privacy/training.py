@@ -126,7 +126,7 @@ def train_private_round(
         clipping = AdaptiveClipping.for_step(
             config.clip_quantile, config.clip_learning_rate, plan.expected_batch_size, plan.noise_multiplier
         )
-    from hymate.privacy.dp_sgd import make_private  # Opacus loads here, at a DP site's first round: see hymate.privacy
+    from hymate.privacy.dp_sgd import make_private  # imports Opacus: loaded on first use, see hymate.privacy
 
     dp = make_private(
         model,
