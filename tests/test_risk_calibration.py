@@ -58,4 +58,3 @@ def test_a_weighted_fit_ends_on_the_trained_weights_with_the_weight_out_of_the_h
     for name, value in model.state_dict().items():
         expected = trained[name] - math.log(4.0) if name == "head.bias" else trained[name]
         torch.testing.assert_close(value, expected, msg=name)
-
