@@ -5,7 +5,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh test || exit 1
-.venv/bin/python -m pytest --durations=15 "$@"  # the slowest tests, to keep the suite inside 15 minutes
+# Two pytest-xdist workers, one per core of a CI machine: the tests that start federations or Ray
+# clusters run one at a time in their groups (tests/deployment.py), the unit tests beside them.
+# `-n 0` after the command runs everything in one process. --durations: the slowest tests, to keep
+# the suite inside 15 minutes.
+.venv/bin/python -m pytest -n 2 --dist loadgroup --durations=15 "$@"
 status=$?
 if [ "$status" -eq 5 ]; then
     echo "scripts/test.sh: pytest collected no tests" >&2

@@ -17,11 +17,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from client.site_keys import write_site_key_pair
 from hymate.processes import free_port
 from server.certs import create_federation_keys
 
 BIN = Path(sys.executable).parent
+
+# scripts/test.sh runs the suite in two pytest-xdist workers (--dist loadgroup). The tests that
+# start a federation of real processes, or a Ray cluster, run one at a time within their group:
+# their time-outs are sized for one such test on two cores, and the unit tests fill the other
+# core. A federation and a Ray simulation may overlap (free ports; each Ray has its own tmpdir).
+ONE_FEDERATION_AT_A_TIME = pytest.mark.xdist_group("federation")
+ONE_RAY_CLUSTER_AT_A_TIME = pytest.mark.xdist_group("ray")
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.5) -> None:

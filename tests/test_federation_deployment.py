@@ -19,9 +19,9 @@ import pytest
 from client.site import SiteSettings, open_site
 from client.site_keys import write_site_key_pair
 from client.supernode_errors import EXIT_REFUSED
-from tests.deployment import BIN, Deployment, kill_group, wait_until
+from tests.deployment import BIN, ONE_FEDERATION_AT_A_TIME, Deployment, kill_group, wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420), ONE_FEDERATION_AT_A_TIME]
 
 
 @pytest.fixture

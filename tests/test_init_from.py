@@ -16,6 +16,7 @@ from server.federation import Federation, FederationError
 from server.model_card import sha256_of
 from server.run_dir import RunDirectory
 from simulation.cli import main
+from tests.deployment import ONE_RAY_CLUSTER_AT_A_TIME
 from tests.fake_grid import STATIC, VARIABLES, FakeGrid, FakeSite, serverapp_identity
 from tests.test_pretraining import TINY
 from tests.test_site_identity import settings
@@ -71,6 +72,7 @@ def test_a_checkpoint_of_another_shape_is_refused_before_any_training(tmp_path, 
 
 
 @pytest.mark.slow
+@ONE_RAY_CLUSTER_AT_A_TIME
 @pytest.mark.timeout(300)
 def test_hymate_sim_federates_from_the_checkpoint_and_keeps_the_frozen_backbone(tmp_path, capsys):
     path, bundle = checkpoint(tmp_path)

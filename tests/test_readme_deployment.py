@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from hymate.processes import free_port
-from tests.deployment import BIN, as_a_foreground_job, kill_group, wait_until
+from tests.deployment import BIN, ONE_FEDERATION_AT_A_TIME, as_a_foreground_job, kill_group, wait_until
 
 # About 3-4 min on two quiet cores; the bounds leave room for a machine shared with other work.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), ONE_FEDERATION_AT_A_TIME]
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from server.secure_aggregation import SecureAggregationSettings, error_bound
-from tests.deployment import Deployment, wait_until
+from tests.deployment import ONE_FEDERATION_AT_A_TIME, Deployment, wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480), ONE_FEDERATION_AT_A_TIME]
 
 # Seconds per SecAgg+ stage: over 3x the slowest stage measured here (a site's local training, 6 s
 # with three sites on two cores). The silent round waits this long for nothing.

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.deployment import as_a_foreground_job
+from tests.deployment import ONE_RAY_CLUSTER_AT_A_TIME, as_a_foreground_job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, ONE_RAY_CLUSTER_AT_A_TIME]
 
 BIN = Path(sys.executable).parent
 TINY = ["--synthetic-sites", "2", "--synthetic-stays", "80", "--d-model", "8", "--heads", "2", "--bootstrap", "5"]

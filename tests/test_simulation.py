@@ -17,8 +17,9 @@ import pytest
 
 from hymate.processes import free_port
 from simulation.cli import main
+from tests.deployment import ONE_RAY_CLUSTER_AT_A_TIME
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, ONE_RAY_CLUSTER_AT_A_TIME]
 
 SMALL = ["--synthetic-sites", "3", "--synthetic-stays", "150", "--d-model", "16", "--epochs", "2", "--bootstrap", "20"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -19,7 +19,7 @@ from flwr.supercore.fab import Fab
 
 from client.runner import INSTALLED_CLIENTAPP, AppPolicy, AppRefused
 from server.superlink import SuperLink, TLSFiles
-from tests.deployment import Deployment, wait_until
+from tests.deployment import ONE_FEDERATION_AT_A_TIME, Deployment, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = (REPO / "pyproject.toml").read_text()
@@ -102,6 +102,7 @@ _Path({marker!r}).write_text("coordinator code ran at the site")
 
 
 @pytest.mark.slow
+@ONE_FEDERATION_AT_A_TIME
 @pytest.mark.timeout(420)
 def test_a_hostile_coordinator_cannot_run_its_clientapp_at_a_site(tmp_path):
     """Real processes, TLS and node authentication: a coordinator ships a modified ClientApp
@@ -166,6 +167,7 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.slow
+@ONE_FEDERATION_AT_A_TIME
 @pytest.mark.timeout(180)
 def test_a_killed_site_leaves_no_process_behind(tmp_path):
     """SIGKILL to hymate-client (no clean-up code runs): its SuperNode ends too, and no
