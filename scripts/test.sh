@@ -9,9 +9,6 @@ cd "$(dirname "$0")/.."
 # clusters run one at a time in their groups (tests/deployment.py), the unit tests beside them.
 # `-n 0` after the command runs everything in one process. --durations: the slowest tests, to keep
 # the suite inside 15 minutes.
-# OpenMP threads that busy-wait for work would take the other worker's core (measured on 2 cores:
-# 740 s and 20.6 CPU-min with busy-waiting, 607 s and 15.5 CPU-min without; one process: 788 s).
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 .venv/bin/python -m pytest -n 2 --dist loadgroup --durations=15 "$@"
 status=$?
 if [ "$status" -eq 5 ]; then

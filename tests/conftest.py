@@ -10,6 +10,13 @@ from pathlib import Path
 
 import pytest
 
+# The suite's processes share the cores: two pytest-xdist workers (scripts/test.sh), and the sites
+# of a deployment test. OpenMP threads that busy-wait for work would starve the others (a site's
+# training step measured 5x slower; the whole suite in two workers 740 s and 20.6 CPU-min against
+# 607 s and 15.5 CPU-min; one process 788 s), so they sleep instead. Set before torch loads OpenMP;
+# every process a test starts inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parents[1]
 P12_ARCHIVE = REPO.parent / "shared/data/physionet2012.tar.gz"
 P12_UNPACKED = REPO / ".cache/data/physionet2012"

@@ -108,9 +108,8 @@ class Deployment:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=as_a_foreground_job,
-                # Several sites share two cores here: OpenMP threads that busy-wait for work would
-                # starve each other (a training step measured 5x slower), so they sleep instead.
-                env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})},
+                # OMP_WAIT_POLICY=PASSIVE comes with os.environ (tests/conftest.py).
+                env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})},
             )
         self.processes.append(process)
         return process
