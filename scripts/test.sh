@@ -5,7 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh test || exit 1
-# ruff (pyproject's [tool.ruff]) before the tests: a second, and an unformatted file or an unused
+# ruff (pyproject's [tool.ruff]) before the tests, about a second: an unformatted file or an unused
 # import fails CI here instead of surviving until someone runs ruff by hand. The tests run either way.
 lint=0
 .venv/bin/ruff check --quiet . || lint=1
